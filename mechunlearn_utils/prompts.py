@@ -1,0 +1,172 @@
+"""Prompt formats, in one place.
+
+Sports (the paper's athletes task):
+
+* ``normal``   the paper's one-shot training format
+  ``"Fact: Tiger Woods plays the sport of golf\\nFact: {athlete} plays the sport of"``
+* ``question`` a one-shot question/answer format the edit never trains on
+* ``mcq``      one-shot A-D multiple choice; the answer is a letter
+
+CounterFact: the relation prompt, its paraphrases, neighbourhood prompts, and A-D multiple choice.
+
+Every builder returns `PromptSet`: prompts, the candidate answers scored for each prompt, and the
+index of the correct candidate. Evaluations normalize the model's probability over candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+SPORTS = ("basketball", "baseball", "football")
+ONE_SHOT_ATHLETE, ONE_SHOT_SPORT = "Tiger Woods", "golf"
+MCQ_LETTERS = ("A", "B", "C", "D")
+
+SPORT_TEMPLATES = {
+    "normal": "Fact: Tiger Woods plays the sport of golf\nFact: {athlete} plays the sport of",
+    "question": ("Question: What sport does Tiger Woods play?\nAnswer: golf\n"
+                 "Question: What sport does {athlete} play?\nAnswer:"),
+}
+SPORT_FORMATS = ("normal", "question", "mcq")
+
+# Formats no edit ever trains on (used by the attacks notebook).
+SPORT_PARAPHRASE_TEMPLATES = (
+    "Tiger Woods is famous for playing golf. {athlete} is famous for playing",
+    "The professional sport of Tiger Woods: golf. The professional sport of {athlete}:",
+    "Everyone knows Tiger Woods as a golf player and {athlete} as a",
+)
+
+
+@dataclass
+class PromptSet:
+    """Prompts with their candidate answers (strings with a leading space) and the right one."""
+
+    prompts: list[str]
+    candidates: list[list[str]]
+    correct: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __post_init__(self):
+        if not (len(self.prompts) == len(self.candidates) == len(self.correct)):
+            raise ValueError("prompts, candidates and correct must have the same length")
+
+
+def _stable_seed(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def mcq_block(question: str, options: list[str], answer_letter: str | None = None) -> str:
+    """One multiple-choice item: question, A-D options, 'Answer:' (+ letter for a shot)."""
+    lines = [f"Question: {question}"]
+    lines += [f"{letter}. {opt.strip()}" for letter, opt in zip(MCQ_LETTERS, options)]
+    lines.append("Answer:" + (f" {answer_letter}" if answer_letter else ""))
+    return "\n".join(lines)
+
+
+def shuffled_options(correct: str, distractors: list[str], key: str) -> tuple[list[str], int]:
+    """Correct answer + 3 distractors in an order fixed by `key` (same order every run)."""
+    if len(distractors) != len(MCQ_LETTERS) - 1:
+        raise ValueError(f"multiple choice needs exactly 3 distractors, got {len(distractors)}")
+    options = [correct, *distractors]
+    order = sorted(range(4), key=lambda i: _stable_seed(f"{key}|{i}"))
+    options = [options[i] for i in order]
+    return options, order.index(0)
+
+
+SPORT_MCQ_SHOT = mcq_block("What sport does Tiger Woods play?",
+                           ["basketball", "golf", "baseball", "football"], "B")
+
+
+def sport_prompt(athlete: str, fmt: str = "normal", template: str | None = None) -> str:
+    """The prompt for one athlete in a named format (or a custom ``{athlete}`` template)."""
+    if template is not None:
+        if "{athlete}" not in template:
+            raise ValueError("a custom template must contain '{athlete}'")
+        return template.format(athlete=athlete)
+    if fmt in SPORT_TEMPLATES:
+        return SPORT_TEMPLATES[fmt].format(athlete=athlete)
+    if fmt == "mcq":
+        raise ValueError("use sport_prompts(..., fmt='mcq'): MC prompts depend on the options")
+    raise ValueError(f"unknown sports format {fmt!r}; choose one of {SPORT_FORMATS}")
+
+
+def sport_prompts(athletes: list[str], sports: list[str], fmt: str = "normal",
+                  candidates: tuple[str, ...] = SPORTS, template: str | None = None) -> PromptSet:
+    """Prompts for athletes; the right answer of athlete i is sports[i] (any string in candidates).
+
+    For ``mcq`` the candidates are the letters A-D and the options are the athlete's sport plus
+    the other sports (golf fills the fourth slot), in a fixed per-athlete order.
+    """
+    if len(athletes) == 0:
+        raise ValueError("no athletes given: the fact set is empty")
+    unknown = sorted(set(sports) - set(candidates) - {"golf"})
+    if unknown:
+        raise ValueError(f"unknown sport(s) {unknown}; candidates are {list(candidates)}")
+    if fmt != "mcq":
+        cands = [" " + c for c in candidates]
+        return PromptSet([sport_prompt(a, fmt, template) for a in athletes],
+                         [cands] * len(athletes), [list(candidates).index(s) for s in sports],
+                         meta=dict(format=fmt, task="sports"))
+    pool = list(dict.fromkeys([*SPORTS, "golf"]))
+    prompts, correct = [], []
+    for athlete, sport in zip(athletes, sports):
+        options, right = shuffled_options(sport, [s for s in pool if s != sport][:3], athlete)
+        item = mcq_block(f"What sport does {athlete} play?", options)
+        prompts.append(SPORT_MCQ_SHOT + "\n" + item)
+        correct.append(right)
+    letters = [" " + x for x in MCQ_LETTERS]
+    return PromptSet(prompts, [letters] * len(athletes), correct, meta=dict(format="mcq", task="sports"))
+
+
+# --------------------------------------------------------------------------- CounterFact
+
+COUNTERFACT_FORMATS = ("prompt", "paraphrase", "neighborhood", "mcq")
+CF_MCQ_SHOT = mcq_block("Complete the sentence: The capital of France is",
+                        ["Berlin", "Madrid", "Paris", "Rome"], "C")
+
+
+def counterfact_prompts(facts, fmt: str = "prompt", answer: str = "target_true") -> PromptSet:
+    """CounterFact prompts. `facts` is a DataFrame from `data.load_counterfact`.
+
+    ``answer`` picks which object counts as correct ('target_true' or 'target_new'); the candidates
+    are always [target_true, target_new] for prompt/paraphrase (so the two are compared head to
+    head), the neighbourhood's own true answers for neighborhood, and A-D letters for mcq.
+    """
+    if len(facts) == 0:
+        raise ValueError("no facts given: the fact set is empty")
+    if answer not in ("target_true", "target_new"):
+        raise ValueError("answer must be 'target_true' or 'target_new'")
+    prompts, cands, correct, fact_index = [], [], [], []
+    for i, row in enumerate(facts.itertuples(index=False)):
+        pair = [row.target_true, row.target_new]
+        right = 0 if answer == "target_true" else 1
+        if fmt == "prompt":
+            items = [(row.prompt, pair, right)]
+        elif fmt == "paraphrase":
+            items = [(p, pair, right) for p in row.paraphrase_prompts]
+        elif fmt == "neighborhood":
+            # Neighbours keep their own true answer; the edited object is the rival candidate.
+            items = [(p, [a, row.target_new], 0) for p, a in
+                     zip(row.neighborhood_prompts, row.neighborhood_answers) if a != row.target_new]
+        elif fmt == "mcq":
+            distractors = [d for d in row.mc_distractors if d.strip() != row.target_true.strip()][:3]
+            options, pos = shuffled_options(row.target_true, distractors, row.subject)
+            new_pos = [o.strip() for o in options].index(row.target_new.strip()) \
+                if row.target_new.strip() in [o.strip() for o in options] else None
+            if answer == "target_new" and new_pos is None:
+                raise ValueError(f"target_new {row.target_new!r} of {row.subject!r} is not an MC option")
+            question = getattr(row, "mc_question", None) or f"Complete the sentence: {row.prompt}"
+            items = [(CF_MCQ_SHOT + "\n" + mcq_block(question, options),
+                      [" " + x for x in MCQ_LETTERS], pos if answer == "target_true" else new_pos)]
+        else:
+            raise ValueError(f"unknown CounterFact format {fmt!r}; choose one of {COUNTERFACT_FORMATS}")
+        for p, c, r in items:
+            prompts.append(p)
+            cands.append(list(c))
+            correct.append(r)
+            fact_index.append(i)
+    return PromptSet(prompts, cands, correct, meta=dict(format=fmt, task="counterfact",
+                                                        fact_index=fact_index))
