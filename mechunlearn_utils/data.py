@@ -180,7 +180,7 @@ def _cached_filter(model, kind: str, df: pd.DataFrame, score_fn, min_prob: float
     """Score every row with `score_fn(model, df) -> DataFrame(p_norm, hit, p_correct)`; cache it."""
     if len(df) == 0:
         raise DataError(f"cannot filter an empty {kind} set")
-    cache = _cache_file(model.name, kind, df, min_prob=min_prob)
+    cache = _cache_file(model.name, kind, df)  # scores do not depend on the threshold
     if use_cache and cache.exists() and model.name != "tiny-random":
         scores = pd.read_json(cache)
     else:
@@ -197,7 +197,7 @@ def _cached_filter(model, kind: str, df: pd.DataFrame, score_fn, min_prob: float
     return kept
 
 
-def filter_known_athletes(model, athletes: pd.DataFrame, min_prob: float = 0.3,
+def filter_known_athletes(model, athletes: pd.DataFrame, min_prob: float = 0.2,
                           use_cache: bool = True) -> pd.DataFrame:
     """Athletes whose sport the model ranks first (3-way) with p(sport token) >= `min_prob` on
     the paper's one-shot prompt. Result attrs record the threshold and the counts."""

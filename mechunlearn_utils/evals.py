@@ -79,3 +79,21 @@ def summarize(scores: pd.DataFrame) -> dict:
     """accuracy (argmax over candidates), mean normalized probability, mean raw probability."""
     return dict(n=int(len(scores)), accuracy=float(scores.hit.mean()),
                 mean_p_norm=float(scores.p_norm.mean()), mean_p_correct=float(scores.p_correct.mean()))
+
+
+def sports_recall(model, athletes: pd.DataFrame, fmt: str = "normal", template: str | None = None,
+                  batch_size: int = 32, progress: bool = False) -> tuple[dict, pd.DataFrame]:
+    """Recall of athletes' sports in one format: (summary dict, per-athlete scores).
+
+    The summary has n, accuracy (argmax over the candidate answers), mean_p_norm (probability of
+    the right answer normalized over the candidates) and accuracy per sport.
+    """
+    from .prompts import sport_prompts
+
+    pset = sport_prompts(list(athletes.athlete), list(athletes.sport), fmt, template=template)
+    scores = score_prompts(model, pset, batch_size, progress)
+    scores.insert(0, "athlete", list(athletes.athlete))
+    scores.insert(1, "sport", list(athletes.sport))
+    summary = summarize(scores)
+    summary["accuracy_by_sport"] = {s: float(g.hit.mean()) for s, g in scores.groupby("sport")}
+    return summary, scores

@@ -125,9 +125,15 @@ class LoadedModel:
     def nn(self):
         """nnsight LanguageModel over the same HF module (built on first use)."""
         if self._nn is None:
+            import warnings
+
             from nnsight import LanguageModel
 
-            self._nn = LanguageModel(self.hf, tokenizer=self.tokenizer)
+            # nnsight 0.8 marks LanguageModel deprecated in favour of the pipeline-based
+            # TransformersModel, which cannot wrap an already-loaded module: keep LanguageModel.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._nn = LanguageModel(self.hf, tokenizer=self.tokenizer)
         return self._nn
 
     def tokenize(self, prompts: list[str], padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -1,0 +1,62 @@
+"""Command line: quick questions to a model.
+
+    python -m mechunlearn_utils recall --model gemma-3-270m --facts data/athletes.csv
+    python -m mechunlearn_utils recall --facts my.csv --format question
+    python -m mechunlearn_utils recall --facts my.csv --template "{athlete} is famous for playing"
+
+`recall` prints JSON: n, accuracy (argmax over the candidate sports), mean normalized probability
+of the right sport, and accuracy per sport. The CSV needs columns athlete,sport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .prompts import SPORT_FORMATS
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mechunlearn_utils", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("recall", help="how well a model recalls athletes' sports")
+    rec.add_argument("--model", default="gemma-3-270m", help="packaged name or HF hub id")
+    rec.add_argument("--facts", required=True, help="CSV with columns athlete,sport ('paper' = the paper's)")
+    rec.add_argument("--format", default="normal", choices=SPORT_FORMATS)
+    rec.add_argument("--template", help="custom prompt containing {athlete} (overrides --format)")
+    rec.add_argument("--device", default="auto")
+    rec.add_argument("--batch-size", type=int, default=32)
+    return ap
+
+
+def recall_command(args) -> dict:
+    from .data import load_athletes
+    from .evals import sports_recall
+    from .models import load_model
+
+    athletes = load_athletes(args.facts)  # validates the CSV before the (slow) model load
+    if args.template is not None and "{athlete}" not in args.template:
+        raise ValueError("--template must contain '{athlete}'")
+    model = load_model(args.model, args.device)
+    summary, _ = sports_recall(model, athletes, args.format, args.template, args.batch_size)
+    return {"model": args.model, "format": "custom" if args.template else args.format, **summary}
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+    from .models import ModelLoadError
+
+    args = _parser().parse_args(argv)
+    try:
+        result = recall_command(args)
+    except (DataError, ModelLoadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

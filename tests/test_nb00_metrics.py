@@ -1,0 +1,30 @@
+"""Notebook 00 (SMOKE run): model loads, lenses agree, facts are filtered and saved."""
+
+import pandas as pd
+import pytest
+
+from mechunlearn_utils.notebook import known_athletes, known_facts
+
+pytestmark = pytest.mark.notebook
+
+
+def test_setup_metrics(smoke_metrics):
+    m = smoke_metrics("00_setup")
+    assert m["lens_max_logit_gap"] < 1e-3
+    for fmt in ("normal", "question", "mcq"):
+        assert 0 <= m[f"recall.{fmt}.accuracy"] <= 1
+        assert 0 < m[f"recall.{fmt}.mean_p_norm"] < 1
+    # the smoke subset is famous athletes: a model that recalls them well above chance (1/3)
+    assert m["recall.normal.accuracy"] > 0.6
+    assert 0 < m["athletes.n_known"] <= m["athletes.n_total"]
+    assert 0 < m["facts.n_known"] <= m["facts.n_total"]
+    assert isinstance(m["mcq_usable"], bool)
+
+
+def test_setup_saves_known_facts_for_later_notebooks(smoke_metrics, smoke_results_dir):
+    m = smoke_metrics("00_setup")
+    athletes = known_athletes(smoke_results_dir)
+    assert len(athletes) == m["athletes.n_known"]
+    assert (athletes.p_correct >= m["athletes.min_p"]).all()
+    facts = known_facts(smoke_results_dir)
+    assert len(facts) == m["facts.n_known"] and isinstance(facts.paraphrase_prompts[0], list)
