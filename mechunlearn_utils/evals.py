@@ -28,7 +28,7 @@ def final_logits(model, input_ids, attention_mask, last_index, **forward_kwargs)
 
     Gradients flow when called outside `torch.no_grad()` (training uses this too).
     """
-    out = model.hf.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+    out = model.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
     hidden = out.last_hidden_state[torch.arange(len(last_index), device=last_index.device), last_index]
     return unembed(model, hidden)
 
@@ -97,3 +97,73 @@ def sports_recall(model, athletes: pd.DataFrame, fmt: str = "normal", template: 
     summary = summarize(scores)
     summary["accuracy_by_sport"] = {s: float(g.hit.mean()) for s, g in scores.groupby("sport")}
     return summary, scores
+
+
+# --------------------------------------------------------------------------- edit evaluation suite
+
+def sports_measure(model, athletes: pd.DataFrame, answer_col: str, fmt: str,
+                   candidates: tuple[str, ...], batch_size: int = 32) -> dict:
+    """Mean normalized probability and argmax accuracy of `athletes[answer_col]` in one format."""
+    from .prompts import sport_prompts
+
+    pset = sport_prompts(list(athletes.athlete), list(athletes[answer_col]), fmt, candidates=candidates)
+    s = score_prompts(model, pset, batch_size)
+    return {"p": float(s.p_norm.mean()), "acc": float(s.hit.mean())}
+
+
+def counterfact_measure(model, facts: pd.DataFrame, fmt: str, answer: str = "target_true",
+                        batch_size: int = 32) -> dict:
+    """Mean normalized probability and accuracy of a CounterFact answer in one format."""
+    from .prompts import counterfact_prompts
+
+    s = score_prompts(model, counterfact_prompts(facts, fmt, answer), batch_size)
+    return {"p": float(s.p_norm.mean()), "acc": float(s.hit.mean())}
+
+
+@torch.no_grad()
+def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over the first `context` tokens of each paragraph."""
+    ids = [x[:context] for x in (model.encode(p) for p in paragraphs) if len(x) >= context]
+    if not ids:
+        raise ValueError(f"no paragraph has {context} tokens")
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        t = torch.tensor(ids[start:start + batch_size], device=model.hf.device)
+        hidden = model.hf.model(input_ids=t, use_cache=False).last_hidden_state[:, :-1]
+        logits = unembed(model, hidden).float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
+        total, count = total + loss.item(), count + t[:, 1:].numel()
+    return total / count
+
+
+def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_text: list[str] | None = None,
+                  unrelated_facts: pd.DataFrame | None = None, lm_context: int = 64) -> dict:
+    """Every measure of the paper's suite for one (edited) model on one task, as a flat dict.
+
+    Sports: ``forget.<fmt>.p_true`` / ``.acc_true`` (lower = the edit held), ``forget.<fmt>.p_target``
+    (probability of the injected answer, edits only), ``maintain.<fmt>.p_true`` / ``.acc_true``.
+    CounterFact: the same with formats prompt / paraphrase / mcq, plus ``neighborhood.p_true``.
+    Side effects: ``side.lm_loss`` on held-out text, ``side.unrelated_acc`` on facts not edited.
+    """
+    out: dict[str, float] = {}
+    if task.kind == "sports":
+        cands = ("basketball", "baseball", "football", "golf")
+        for fmt in formats:
+            for split, df in (("forget", task.eval_forget), ("maintain", task.eval_maintain)):
+                r = sports_measure(model, df, "sport", fmt, cands)
+                out[f"{split}.{fmt}.p_true"], out[f"{split}.{fmt}.acc_true"] = r["p"], r["acc"]
+            if task.mode == "edit":
+                out[f"forget.{fmt}.p_target"] = sports_measure(model, task.eval_forget, "target", fmt, cands)["p"]
+    else:
+        for fmt in ("prompt", "paraphrase", "mcq"):
+            r = counterfact_measure(model, task.eval_forget, fmt)
+            out[f"forget.{fmt}.p_true"], out[f"forget.{fmt}.acc_true"] = r["p"], r["acc"]
+            out[f"forget.{fmt}.p_target"] = counterfact_measure(model, task.eval_forget, fmt, "target_new")["p"]
+            m = counterfact_measure(model, task.eval_maintain, fmt)
+            out[f"maintain.{fmt}.p_true"], out[f"maintain.{fmt}.acc_true"] = m["p"], m["acc"]
+        out["neighborhood.p_true"] = counterfact_measure(model, task.eval_forget, "neighborhood")["p"]
+    if heldout_text:
+        out["side.lm_loss"] = lm_loss_on_text(model, heldout_text, lm_context)
+    if unrelated_facts is not None and len(unrelated_facts):
+        out["side.unrelated_acc"] = counterfact_measure(model, unrelated_facts, "prompt")["acc"]
+    return out

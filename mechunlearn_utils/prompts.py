@@ -110,13 +110,15 @@ def sport_prompts(athletes: list[str], sports: list[str], fmt: str = "normal",
         return PromptSet([sport_prompt(a, fmt, template) for a in athletes],
                          [cands] * len(athletes), [list(candidates).index(s) for s in sports],
                          meta=dict(format=fmt, task="sports"))
-    pool = list(dict.fromkeys([*SPORTS, "golf"]))
+    pool = [*SPORTS, "golf"]
     prompts, correct = [], []
     for athlete, sport in zip(athletes, sports):
-        options, right = shuffled_options(sport, [s for s in pool if s != sport][:3], athlete)
+        # The options depend only on the athlete, so scoring the true or an injected sport
+        # reads the same prompt.
+        options, _ = shuffled_options(pool[0], pool[1:], athlete)
         item = mcq_block(f"What sport does {athlete} play?", options)
         prompts.append(SPORT_MCQ_SHOT + "\n" + item)
-        correct.append(right)
+        correct.append(options.index(sport))
     letters = [" " + x for x in MCQ_LETTERS]
     return PromptSet(prompts, [letters] * len(athletes), correct, meta=dict(format="mcq", task="sports"))
 

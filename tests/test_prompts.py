@@ -50,3 +50,9 @@ def test_counterfact_formats():
     assert len(mcq) == 3 and all(a != b for a, b in zip(mcq.correct, new.correct))
     with pytest.raises(ValueError, match="unknown CounterFact format"):
         counterfact_prompts(facts, "poem")
+
+
+def test_mcq_prompt_is_the_same_whichever_answer_is_scored():
+    true = sport_prompts(["LeBron James"], ["basketball"], "mcq")
+    injected = sport_prompts(["LeBron James"], ["golf"], "mcq")
+    assert true.prompts == injected.prompts and true.correct != injected.correct

@@ -1,0 +1,117 @@
+"""Editing / unlearning tasks: which facts to forget, which to maintain, and what to inject.
+
+A `Task` holds prompt sets built from the facts notebook 00 kept:
+
+* ``train_forget``  prompts trained toward ``target`` answers (editing) or away from the true one
+* ``train_maintain`` prompts whose true answers must survive (trained with cross-entropy)
+* ``eval_forget`` / ``eval_maintain``  facts evaluated after the edit (for the whole-sport task
+  the forget evaluation is the held-out half of the sport: the edit must generalize to it)
+
+Tasks, as in the paper: ``sport_to_golf`` (whole sport -> golf), ``athletes_to_sport`` (N athletes ->
+another sport), ``counterfact`` (N facts -> target_new), ``unlearn_sport`` (log(1-p) on one sport).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .prompts import SPORTS
+
+TASKS = ("sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport")
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "sports" or "counterfact"
+    mode: str  # "edit" (cross-entropy to the injected answer) or "unlearn" (log(1-p) of the true one)
+    train_forget: pd.DataFrame
+    train_maintain: pd.DataFrame
+    eval_forget: pd.DataFrame
+    eval_maintain: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (f"{self.name} ({self.mode}): train forget {len(self.train_forget)}, train maintain "
+                f"{len(self.train_maintain)}, eval forget {len(self.eval_forget)}, eval maintain "
+                f"{len(self.eval_maintain)}")
+
+
+def _check_nonempty(df: pd.DataFrame, what: str) -> None:
+    if len(df) == 0:
+        raise ValueError(f"the {what} set is empty: notebook 00 kept too few facts for this task")
+
+
+def _split_half(df: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    idx = rng.permutation(len(df))
+    half = len(df) // 2
+    return df.iloc[idx[:half]].reset_index(drop=True), df.iloc[idx[half:]].reset_index(drop=True)
+
+
+def sport_to_golf(athletes: pd.DataFrame, sport: str = "basketball", seed: int = 0,
+                  n_maintain: int = 64, mode: str = "edit") -> Task:
+    """Train half of `sport`'s athletes -> golf; evaluate the held-out half and other sports."""
+    if sport not in SPORTS:
+        raise ValueError(f"unknown sport {sport!r}; choose one of {SPORTS}")
+    rng = np.random.default_rng(seed)
+    forget = athletes[athletes.sport == sport].assign(target="golf")
+    _check_nonempty(forget, f"{sport} athletes")
+    if len(forget) < 2:
+        raise ValueError(f"need at least 2 known {sport} athletes to hold half out, got {len(forget)}")
+    train_f, eval_f = _split_half(forget, rng)
+    others = athletes[athletes.sport != sport].sample(frac=1.0, random_state=seed)
+    train_m, eval_m = _split_half(others.head(2 * n_maintain), rng)
+    _check_nonempty(train_m, "maintain")
+    name = "sport_to_golf" if mode == "edit" else "unlearn_sport"
+    return Task(name, "sports", mode, train_f, train_m, eval_f, eval_m,
+                meta=dict(sport=sport, target="golf" if mode == "edit" else None, seed=seed))
+
+
+def unlearn_sport(athletes: pd.DataFrame, sport: str = "basketball", seed: int = 0,
+                  n_maintain: int = 64) -> Task:
+    """Pure unlearning (log(1-p) of the true sport) of half a sport; held-out half evaluated."""
+    return sport_to_golf(athletes, sport, seed, n_maintain, mode="unlearn")
+
+
+def athletes_to_sport(athletes: pd.DataFrame, n: int = 16, seed: int = 0, n_maintain: int = 64) -> Task:
+    """`n` athletes each -> another sport (chosen at random among the other two), like the paper."""
+    rng = np.random.default_rng(seed)
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    if len(athletes) < n + 2:
+        raise ValueError(f"need more than {n} known athletes, notebook 00 kept {len(athletes)}")
+    shuffled = athletes.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    forget = shuffled.head(n).copy()
+    forget["target"] = [rng.choice([s for s in SPORTS if s != sp]) for sp in forget.sport]
+    rest = shuffled.iloc[n:]
+    train_m, eval_m = _split_half(rest.head(2 * n_maintain), rng)
+    return Task("athletes_to_sport", "sports", "edit", forget, train_m, forget, eval_m,
+                meta=dict(n=n, seed=seed))
+
+
+def counterfact_task(facts: pd.DataFrame, n: int = 16, seed: int = 0, n_maintain: int = 32) -> Task:
+    """The first `n` known facts -> target_new (as the paper takes the first rows); others maintained."""
+    if len(facts) < n + 2:
+        raise ValueError(f"need more than {n} known CounterFact facts, notebook 00 kept {len(facts)}")
+    forget = facts.head(n).copy().reset_index(drop=True)
+    forget["target"] = forget.target_new
+    rest = facts.iloc[n:].sample(frac=1.0, random_state=seed)
+    train_m, eval_m = _split_half(rest.head(2 * n_maintain), np.random.default_rng(seed))
+    return Task("counterfact", "counterfact", "edit", forget, train_m, forget, eval_m,
+                meta=dict(n=n, seed=seed))
+
+
+def make_task(name: str, athletes: pd.DataFrame | None = None, facts: pd.DataFrame | None = None,
+              **kwargs) -> Task:
+    """Build a task by name (see TASKS)."""
+    builders = {"sport_to_golf": sport_to_golf, "athletes_to_sport": athletes_to_sport,
+                "unlearn_sport": unlearn_sport, "counterfact": counterfact_task}
+    if name not in builders:
+        raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
+    source = facts if name == "counterfact" else athletes
+    if source is None or len(source) == 0:
+        raise ValueError(f"task {name!r} needs a non-empty {'facts' if name == 'counterfact' else 'athletes'} table")
+    return builders[name](source, **kwargs)

@@ -1,0 +1,119 @@
+"""Localized editing on the tiny model: only the named matrices change, the edit takes, it saves."""
+
+import pandas as pd
+import pytest
+import torch
+
+from mechunlearn_utils.data import load_athletes, load_general_text
+from mechunlearn_utils.edit import (EditConfig, EditError, edited, first_trainable_layer, forget_loss,
+                                    hidden_from, load_edited, prefix_hidden, restore, save_edit, snapshot,
+                                    train_edit)
+from mechunlearn_utils.evals import evaluate_task, sports_measure
+from mechunlearn_utils.tasks import make_task
+
+LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+
+
+@pytest.fixture(scope="module")
+def athletes():
+    return load_athletes().groupby("sport").head(10).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def text():
+    # the tiny tokenizer maps unknown words to <unk>: use athlete names as "general text"
+    names = " ".join(load_athletes().athlete)
+    return [names[i:i + 600] for i in range(0, 6000, 600)]
+
+
+def test_only_localized_weights_change_and_the_edit_takes(tiny, athletes, text):
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    before = {n: p.detach().clone() for n, p in tiny.hf.named_parameters()}
+    p0 = sports_measure(tiny, task.eval_forget, "target", "normal", ("basketball", "baseball", "football"))["p"]
+    saved = snapshot(tiny, LATE)
+    try:
+        res = train_edit(tiny, LATE, task, text, EditConfig(steps=40, lr=3e-2, batch_size=4, lm_context=8),
+                         progress=False)
+        changed = {n for n, p in tiny.hf.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == set(LATE)
+        p1 = sports_measure(tiny, task.eval_forget, "target", "normal", ("basketball", "baseball", "football"))["p"]
+        # a random 2-layer model mixes little of the athlete into the last token: modest but real
+        assert p1 > p0 + 0.05, f"injected answer probability {p0:.3f} -> {p1:.3f}: the edit did not take"
+        assert res.history[-1]["forget"] < 0.95 * res.history[0]["forget"]
+        assert res.start_layer == 1 and res.n_params == sum(before[n].numel() for n in LATE)
+    finally:
+        restore(tiny, saved)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.hf.named_parameters())
+
+
+def test_frozen_prefix_gives_the_same_hidden_states(tiny):
+    batch = tiny.tokenize(["Fact : Michael Jordan plays the sport of", "Fact : Babe Ruth plays"])
+    with torch.no_grad():
+        full = hidden_from(tiny.hf, batch["input_ids"], batch["attention_mask"], 0, None)
+        pre = prefix_hidden(tiny.hf, batch["input_ids"], batch["attention_mask"], 1)
+        part = hidden_from(tiny.hf, batch["input_ids"], batch["attention_mask"], 1, pre)
+    assert torch.allclose(full, part, atol=1e-5)
+    assert len(tiny.hf.model.layers) == 2  # the layer list is restored
+
+
+def test_first_trainable_layer():
+    assert first_trainable_layer(["model.layers.3.mlp.up_proj.weight", "model.layers.7.self_attn.o_proj.weight"]) == 3
+    assert first_trainable_layer(["model.embed_tokens.weight", "model.layers.7.mlp.up_proj.weight"]) == 0
+    assert first_trainable_layer(["model.norm.weight", "model.layers.5.mlp.up_proj.weight"]) == 5
+
+
+def test_unlearning_loss_ignores_forgotten_items():
+    logp = torch.log(torch.tensor([0.5, 1e-4]))
+    assert torch.isclose(forget_loss(logp, "unlearn"), -torch.log1p(torch.tensor(-0.5)))
+    assert forget_loss(torch.log(torch.tensor([1e-4])), "unlearn").item() == 0.0
+
+
+def test_save_and_load_edit_roundtrip(tiny, athletes, text, tmp_path):
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    saved = snapshot(tiny, LATE)
+    train_edit(tiny, LATE, task, text, EditConfig(steps=3, lr=1e-2, batch_size=4, lm_context=8), progress=False)
+    edited_weights = snapshot(tiny, LATE)
+    path = save_edit(tiny, LATE, tmp_path / "e", {"method": "test"})
+    restore(tiny, saved)
+    with edited(tiny, path):
+        assert all(torch.equal(p, edited_weights[n]) for n, p in snapshot(tiny, LATE).items())
+    assert all(torch.equal(p, saved[n]) for n, p in snapshot(tiny, LATE).items())
+    with pytest.raises(FileNotFoundError, match="03_editing"):
+        load_edited(tiny, tmp_path / "missing")
+
+
+def test_bad_inputs_get_clear_errors(tiny, athletes, text):
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    with pytest.raises(EditError, match="names no parameters"):
+        train_edit(tiny, [], task, text, progress=False)
+    with pytest.raises(EditError, match="another model"):
+        train_edit(tiny, ["model.layers.99.mlp.up_proj.weight"], task, text, progress=False)
+    task.train_forget = task.train_forget.assign(target=task.train_forget.sport)
+    with pytest.raises(EditError, match="equals the true one"):
+        train_edit(tiny, LATE, task, text, EditConfig(steps=1, lm_context=8), progress=False)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("teleport", athletes=athletes)
+    with pytest.raises(ValueError, match="non-empty"):
+        make_task("sport_to_golf", athletes=athletes.head(0))
+
+
+def test_diverging_loss_stops_and_keeps_last_good_weights(tiny, athletes, text):
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    saved = snapshot(tiny, LATE)
+    try:
+        with pytest.raises(EditError, match="loss became"):
+            train_edit(tiny, LATE, task, text, EditConfig(steps=3, lr=float("inf"), lm_context=8,
+                                                            batch_size=4), progress=False)
+        # the step that produced non-finite weights was undone: the weights are the last good ones
+        assert all(torch.isfinite(p).all() for p in snapshot(tiny, LATE).values())
+    finally:
+        restore(tiny, saved)
+
+
+def test_evaluate_task_reports_every_measure(tiny, athletes):
+    task = make_task("sport_to_golf", athletes=athletes, sport="basketball", n_maintain=6)
+    out = evaluate_task(tiny, task, formats=("normal", "question"))
+    for key in ("forget.normal.p_true", "forget.normal.p_target", "maintain.question.acc_true"):
+        assert 0 <= out[key] <= 1
+    assert len(task.eval_forget) + len(task.train_forget) == (athletes.sport == "basketball").sum()
+    assert set(task.eval_forget.athlete).isdisjoint(task.train_forget.athlete)
