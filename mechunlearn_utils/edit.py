@@ -245,10 +245,12 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
     params = select_parameters(model, param_names)
     start = first_trainable_layer(param_names) if cfg.frozen_prefix else 0
     forget, maintain = task_examples(model, task)
-    text = general_text_batch(model, general_text, max(cfg.lm_batch * 4, cfg.lm_batch), cfg.lm_context)
+    use_text = cfg.lm_coef > 0
+    if use_text:
+        text = general_text_batch(model, general_text, cfg.lm_batch * 4, cfg.lm_context)
+        text_prefix = prefix_hidden(model.hf, text["input_ids"], text["attention_mask"], start)
     for ex in (forget, maintain):
         ex.prefix = prefix_hidden(model.hf, ex.input_ids, ex.attention_mask, start)
-    text_prefix = prefix_hidden(model.hf, text["input_ids"], text["attention_mask"], start)
 
     rng = np.random.default_rng(cfg.seed)
     for p in params.values():
@@ -265,13 +267,15 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
         for step in bar:
             f_idx = rng.choice(len(forget), min(cfg.batch_size, len(forget)), replace=False)
             m_idx = rng.choice(len(maintain), min(cfg.batch_size, len(maintain)), replace=False)
-            t_idx = rng.choice(len(text["input_ids"]), cfg.lm_batch, replace=False)
             lp_f, _ = answer_logprobs(model, forget.rows(f_idx), start)
             lp_m, _ = answer_logprobs(model, maintain.rows(m_idx), start)
             lf = forget_loss(lp_f, task.mode)
             lm_ = -lp_m.mean()
-            tb = {k: v[t_idx] for k, v in text.items()}
-            ll = lm_loss(model, tb, start, None if text_prefix is None else text_prefix[t_idx])
+            ll = lp_m.new_zeros(())
+            if use_text:
+                t_idx = rng.choice(len(text["input_ids"]), min(cfg.lm_batch, len(text["input_ids"])), replace=False)
+                tb = {k: v[t_idx] for k, v in text.items()}
+                ll = lm_loss(model, tb, start, None if text_prefix is None else text_prefix[t_idx])
             loss = cfg.forget_coef * lf + cfg.maintain_coef * lm_ + cfg.lm_coef * ll
             if not torch.isfinite(loss):
                 _put_back(params, last_good)
@@ -359,3 +363,61 @@ def edited(model, path):
         yield model
     finally:
         restore(model, base)
+
+
+# --------------------------------------------------------------------------- experiments
+
+def train_split_score(model, task: Task) -> float:
+    """(1 - p(true | forget, train split)) + p(true | maintain, train split), training format."""
+    from .evals import counterfact_measure, sports_measure
+
+    if task.kind == "sports":
+        cands = ("basketball", "baseball", "football", "golf")
+        f = sports_measure(model, task.train_forget, "sport", "normal", cands)["p"]
+        m = sports_measure(model, task.train_maintain, "sport", "normal", cands)["p"]
+    else:
+        f = counterfact_measure(model, task.train_forget, "prompt")["p"]
+        m = counterfact_measure(model, task.train_maintain, "prompt")["p"]
+    return (1 - f) + m
+
+
+def sweep(model, param_names: list[str], task: Task, general_text: list[str], lrs, coefs,
+          config: EditConfig | None = None, progress: bool = False) -> list[dict]:
+    """Train every (lr, forget_coef) pair from the base weights; score each on the training split
+    (the evaluation split is never used to choose). Best first; the base is restored after each."""
+    base = snapshot(model, param_names)
+    rows = []
+    try:
+        for lr in lrs:
+            for coef in coefs:
+                cfg = EditConfig(**{**asdict(config or EditConfig()), "lr": lr, "forget_coef": coef})
+                try:
+                    train_edit(model, param_names, task, general_text, cfg, progress=progress)
+                    rows.append(dict(lr=lr, forget_coef=coef, train_score=train_split_score(model, task)))
+                except EditError as err:
+                    rows.append(dict(lr=lr, forget_coef=coef, train_score=-1.0, error=str(err)))
+                restore(model, base)
+    finally:
+        restore(model, base)
+    return sorted(rows, key=lambda r: -r["train_score"])
+
+
+def edit_and_evaluate(model, param_names: list[str], task: Task, general_text: list[str],
+                      config: EditConfig, eval_kwargs: dict, save_path=None, meta: dict | None = None,
+                      progress: bool = True) -> tuple[dict, EditResult]:
+    """Train one edit from the base weights, evaluate it, optionally save it, restore the base."""
+    from .evals import evaluate_task
+
+    base = snapshot(model, param_names)
+    try:
+        result = train_edit(model, param_names, task, general_text, config, progress=progress)
+        metrics = evaluate_task(model, task, **eval_kwargs)
+        if save_path is not None:
+            save_edit(model, param_names, save_path, {"task": task.name, "config": asdict(config),
+                                                      "task_meta": task.meta, **(meta or {})})
+    finally:
+        restore(model, base)
+    metrics.update({"train.seconds": result.seconds, "train.seconds_per_step": result.seconds_per_step,
+                    "train.start_layer": result.start_layer, "train.n_params": result.n_params,
+                    "train.final_forget_loss": result.history[-1]["forget"]})
+    return metrics, result

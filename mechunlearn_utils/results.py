@@ -97,3 +97,37 @@ def save_figure(fig, results_dir, stem: str, name: str) -> Path:
     path = notebook_dir(results_dir, stem) / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def verdict_lines(table, tasks: dict, mcq_usable: bool, flu: str = "flu", ot=("ap", "ct")) -> list[str]:
+    """Plain-language comparisons that decide the paper's claims for each task, with numbers.
+
+    `table`: rows (task, method) with `evals.evaluate_task` columns and a '(base)' row per task.
+    Generalization is judged in MCQ when the model is above chance there, else in the question
+    (sports) or paraphrase (CounterFact) format, and the line says which.
+    """
+    lines = []
+    for name, task in tasks.items():
+        t = table.loc[name]
+        methods = [m for m in t.index if m != "(base)"]
+        train_fmt = "normal" if task.kind == "sports" else "prompt"
+        gen_fmt = "mcq" if mcq_usable else ("question" if task.kind == "sports" else "paraphrase")
+        col = f"forget.{train_fmt}.p_true"
+        took = {m: float(t.loc[m, col]) for m in methods}
+        lines.append(f"[{name}] training-format forget p(true): "
+                     + ", ".join(f"{m} {v:.3f}" for m, v in took.items())
+                     + f" (base {float(t.loc['(base)', col]):.3f})")
+        gcol = f"forget.{gen_fmt}.p_true"
+        if flu in methods and any(o in methods for o in ot) and gcol in t:
+            others = {o: float(t.loc[o, gcol]) for o in ot if o in methods}
+            f = float(t.loc[flu, gcol])
+            verdict = "reproduced" if f < min(others.values()) else "NOT reproduced"
+            lines.append(f"[{name}] FLU generalizes better than OT in the {gen_fmt} format: {verdict} "
+                         f"(forget p(true) FLU {f:.3f} vs " + ", ".join(f"{o} {v:.3f}" for o, v in others.items())
+                         + ")" + ("" if mcq_usable else " [MCQ is at chance on this model]"))
+        if "side.lm_loss" in t:
+            base = float(t.loc["(base)", "side.lm_loss"])
+            deltas = {m: float(t.loc[m, "side.lm_loss"]) - base for m in methods}
+            lines.append(f"[{name}] LM loss change on held-out text: "
+                         + ", ".join(f"{m} {d:+.3f}" for m, d in deltas.items()))
+    return lines

@@ -1,0 +1,238 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Editing and unlearning, one localization at a time
+#
+# Notebook 02 chose, for each method, *which weight matrices* hold the fact. Here we fine-tune
+# **only those matrices** and ask the paper's questions:
+#
+# * Does the edit take in the training format ("Fact: X plays the sport of")?
+# * Does it **generalize** to formats it never saw (a question, multiple choice, paraphrases)?
+# * What does it **break** (other athletes, neighbouring facts, general text)?
+#
+# The loss is the paper's: `coef x forget + maintain CE + general-text LM loss`, where *forget*
+# is the cross-entropy to the injected answer (editing) or `-log(1 - p(true))` (unlearning).
+# AdamW, cosine schedule, gradient clipping at 1. Layers below the lowest trained matrix are
+# frozen, so their outputs are computed once and reused at every step (the *frozen prefix*).
+
+# %% tags=["parameters"]
+MODEL = "gemma-3-270m"
+DEVICE = "auto"
+SEED = 0
+SMOKE = False
+RESULTS_DIR = ""  # "" -> <repo>/results
+TASKS = ["sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport"]
+METHODS = []  # [] -> every localization notebook 02 saved
+SPORT = "basketball"  # the sport forgotten in sport_to_golf / unlearn_sport
+N_FACTS = 16  # athletes / CounterFact facts edited in athletes_to_sport / counterfact
+STEPS = 50
+LR = 1e-4  # used for every method unless the sweep picks another
+FORGET_COEF = 1.0
+SWEEP = True  # choose lr and coef per method on the training split (small grid)
+SWEEP_LRS = [3e-5, 1e-4, 3e-4]
+SWEEP_COEFS = [1.0, 3.0]
+SWEEP_STEPS = 20
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from mechunlearn_utils import load_model
+from mechunlearn_utils.data import load_general_text
+from mechunlearn_utils.edit import EditConfig, edit_and_evaluate, sweep
+from mechunlearn_utils.evals import evaluate_task
+from mechunlearn_utils.localize import load_localizations
+from mechunlearn_utils.notebook import known_athletes, known_facts, start
+from mechunlearn_utils.plotting import edit_summary_plot
+from mechunlearn_utils.results import notebook_dir, read_metrics, save_figure, write_metrics
+from mechunlearn_utils.tasks import make_task
+
+STEM = "03_editing_and_unlearning"
+t_start = time.perf_counter()
+RESULTS_DIR = start(SEED, RESULTS_DIR)
+OUT = notebook_dir(RESULTS_DIR, STEM)
+if SMOKE:
+    TASKS, STEPS, N_FACTS, SWEEP = ["athletes_to_sport"], 8, 8, False
+    METHODS = METHODS or ["flu", "ap", "random"]
+
+# %% [markdown]
+# ## 1 · Model, facts, localizations
+# The facts are the ones notebook 00 found the model knows; the localizations are notebook 02's.
+# A missing file raises an error that names the notebook to run.
+
+# %%
+model = load_model(MODEL, DEVICE)
+athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
+setup = read_metrics(RESULTS_DIR, "00_setup")
+localizations = {kind: load_localizations(RESULTS_DIR, kind, model) for kind in ("sports", "counterfact")}
+for kind, locs in localizations.items():
+    print(kind, {m: loc.n_params for m, loc in locs.items()})
+
+# %% [markdown]
+# General text: the first paragraphs feed the LM retain loss, the last 32 are held out to
+# measure the side effect on language modelling.
+
+# %%
+text = load_general_text()
+train_text, heldout_text = text[:64], text[-32:]
+print(f"{len(text)} paragraphs; MCQ usable on this model: {setup['mcq_usable']}")
+
+# %% [markdown]
+# ## 2 · Tasks
+# * **sport_to_golf**: every known basketball player -> golf; train on half, evaluate on the
+#   *held-out* half (the edit must generalize to athletes it never saw).
+# * **athletes_to_sport**: N athletes, each -> one of the other sports.
+# * **counterfact**: N CounterFact facts -> their counterfactual object.
+# * **unlearn_sport**: forget half of one sport with `-log(1-p)` (no injected answer).
+
+# %%
+def build(name):
+    kw = dict(sport=SPORT) if name in ("sport_to_golf", "unlearn_sport") else dict(n=N_FACTS)
+    return make_task(name, athletes=athletes, facts=facts, seed=SEED, **kw)
+
+
+tasks = {name: build(name) for name in TASKS}
+for t in tasks.values():
+    print(t.describe())
+
+# %% [markdown]
+# How each edited model is evaluated: forget / maintain in every format, plus side effects on
+# held-out text and on facts no edit touched. First the unedited model, as the reference row.
+
+# %%
+def eval_kwargs(task):
+    unrelated = facts.iloc[N_FACTS:N_FACTS + 48] if task.kind == "counterfact" else facts.head(48)
+    return dict(heldout_text=heldout_text, unrelated_facts=unrelated)
+
+
+base_rows = {name: evaluate_task(model, t, **eval_kwargs(t)) for name, t in tasks.items()}
+pd.DataFrame(base_rows).round(3)
+
+# %% [markdown]
+# ## 3 · Learning rate and forget weight per method
+# The paper sweeps lr and coef per method. We do the same on a small grid, training
+# `SWEEP_STEPS` steps and scoring on the **training split** only: `(1 - forget p_true) +
+# maintain p_true`. The evaluation split never influences the choice.
+
+# %%
+def methods_for(task):
+    locs = localizations[task.kind]
+    return {m: locs[m] for m in (METHODS or list(locs)) if m in locs}
+
+
+chosen = {}
+for name, task in tasks.items():
+    for method, loc in methods_for(task).items():
+        if not SWEEP:
+            chosen[name, method] = dict(lr=LR, forget_coef=FORGET_COEF)
+            continue
+        rows = sweep(model, loc.params, task, train_text, SWEEP_LRS, SWEEP_COEFS,
+                     EditConfig(steps=SWEEP_STEPS, seed=SEED))
+        chosen[name, method] = {k: rows[0][k] for k in ("lr", "forget_coef")}
+pd.DataFrame(chosen).T
+
+# %% [markdown]
+# ## 4 · Edit with every localization, evaluate everything
+# Each edit starts from the base weights, trains `STEPS` steps, is evaluated, saved (only the
+# changed matrices, as safetensors) for notebooks 04-06, and taken off again.
+
+# %%
+results, histories = {}, {}
+for name, task in tasks.items():
+    for method, loc in methods_for(task).items():
+        cfg = EditConfig(steps=STEPS, seed=SEED, **chosen[name, method])
+        path = OUT / "edits" / name / method
+        results[name, method], res = edit_and_evaluate(
+            model, loc.params, task, train_text, cfg, eval_kwargs(task), save_path=path,
+            meta=dict(method=method, localization_n_params=loc.n_params))
+        histories[name, method] = pd.DataFrame(res.history)
+
+# %% [markdown]
+# ## 5 · Results, task by task
+# Rows are methods (plus the unedited model); lower is better for `forget.*.p_true` (the old
+# answer is gone), higher for `maintain.*` and `p_target` (the new answer took).
+
+# %%
+table = pd.DataFrame({**{(n, "(base)"): r for n, r in base_rows.items()}, **results}).T
+table.index.names = ["task", "method"]
+table.to_csv(OUT / "results_table.csv")
+for name in tasks:
+    cols = [c for c in table.columns if c.startswith(("forget", "maintain", "neighborhood", "side"))]
+    display(table.loc[name, cols].dropna(axis=1, how="all").round(3))
+
+# %% [markdown]
+# Forget (training format) against maintain and against the format the edit never saw. A
+# method in the bottom-right of the right panel changed the *knowledge*, not just one phrasing.
+
+# %%
+for name, task in tasks.items():
+    fig = edit_summary_plot(table.loc[name].drop(index="(base)"), task.kind, title=f"{MODEL}: {name}")
+    save_figure(fig, RESULTS_DIR, STEM, f"summary_{name}")
+
+# %% [markdown]
+# Training curves: the forget loss of every method on every task.
+
+# %%
+curves = pd.concat([h.assign(task=n, method=m) for (n, m), h in histories.items()])
+grid = sns.relplot(curves, x="step", y="forget", hue="method", col="task", kind="line",
+                   facet_kws=dict(sharey=False), height=3)
+save_figure(grid.figure, RESULTS_DIR, STEM, "training_curves")
+
+# %% [markdown]
+# ## 6 · What reproduces, in numbers
+# The paper (Gemma-7B and others): every method reaches near-zero forget accuracy in the
+# training format; FLU edits generalize to MCQ (sports MCQ forget .28 vs AP .86 / CT .46), with
+# fewer side effects. We print the comparisons that decide each claim on this model.
+
+# %%
+from mechunlearn_utils.results import verdict_lines  # noqa: E402
+
+for line in verdict_lines(table, tasks, mcq_usable=setup["mcq_usable"]):
+    print(line)
+
+# %% [markdown]
+# ## 7 · Try it yourself: edit one fact and query the edited model
+# Pick a localization, an athlete and a new sport; the widget trains the edit (a few steps)
+# and shows the answer in every format. Under papermill the default renders statically.
+
+# %%
+from mechunlearn_utils.widgets import edit_fact_widget, edit_one_athlete  # noqa: E402
+
+demo_method = "flu" if "flu" in localizations["sports"] else next(iter(localizations["sports"]))
+demo = edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,
+                        athlete=athletes.athlete.iloc[0], new_sport="golf", steps=10 if SMOKE else 25,
+                        general_text=train_text)
+display(demo)
+edit_fact_widget(model, localizations["sports"], athletes, train_text)
+
+# %% [markdown]
+# ## 8 · Metrics
+# `RESULTS_DIR/03_editing_and_unlearning/metrics.json` keys: `<task>.<method>.<measure>` for every
+# cell of the tables above (measures as in `evals.evaluate_task`, plus `train.*` timings), the
+# unedited model as method `base`, and `<task>.<method>.lr` / `.forget_coef` (the settings used).
+
+# %%
+metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "steps": STEPS}
+for (name, method), row in table.iterrows():
+    key = "base" if method == "(base)" else method
+    metrics.update({f"{name}.{key}.{k}": float(v) for k, v in row.dropna().items()})
+for (name, method), setting in chosen.items():
+    metrics.update({f"{name}.{method}.{k}": float(v) for k, v in setting.items()})
+metrics["seconds_total"] = time.perf_counter() - t_start
+write_metrics(RESULTS_DIR, STEM, metrics)
