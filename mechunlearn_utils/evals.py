@@ -101,23 +101,48 @@ def sports_recall(model, athletes: pd.DataFrame, fmt: str = "normal", template: 
 
 # --------------------------------------------------------------------------- edit evaluation suite
 
-def sports_measure(model, athletes: pd.DataFrame, answer_col: str, fmt: str,
+def measure_answers(model, psets: dict[str, PromptSet], batch_size: int = 32) -> dict[str, dict]:
+    """Several answers scored on the SAME prompts in one forward pass per batch.
+
+    `psets` maps a label to a PromptSet; all must share prompts and candidates and differ only
+    in which candidate is correct. Returns {label: {"p": mean normalized p, "acc": argmax hits}}.
+    """
+    first = next(iter(psets.values()))
+    for label, ps in psets.items():
+        if ps.prompts != first.prompts or ps.candidates != first.candidates:
+            raise ValueError(f"prompt set {label!r} does not share prompts/candidates with the others")
+    logps = candidate_logprobs(model, first, batch_size)
+    out = {}
+    for label, ps in psets.items():
+        p = [float(np.exp(lp[c] - np.logaddexp.reduce(lp))) for lp, c in zip(logps, ps.correct)]
+        hit = [int(np.argmax(lp)) == c for lp, c in zip(logps, ps.correct)]
+        out[label] = {"p": float(np.mean(p)), "acc": float(np.mean(hit))}
+    return out
+
+
+def sports_measure(model, athletes: pd.DataFrame, answer_col, fmt: str,
                    candidates: tuple[str, ...], batch_size: int = 32) -> dict:
-    """Mean normalized probability and argmax accuracy of `athletes[answer_col]` in one format."""
+    """Mean normalized probability and argmax accuracy of `athletes[answer_col]` in one format.
+
+    With a list of columns, returns {column: {"p", "acc"}} from a single pass over the prompts."""
     from .prompts import sport_prompts
 
-    pset = sport_prompts(list(athletes.athlete), list(athletes[answer_col]), fmt, candidates=candidates)
-    s = score_prompts(model, pset, batch_size)
-    return {"p": float(s.p_norm.mean()), "acc": float(s.hit.mean())}
+    cols = [answer_col] if isinstance(answer_col, str) else list(answer_col)
+    psets = {c: sport_prompts(list(athletes.athlete), list(athletes[c]), fmt, candidates=candidates)
+             for c in cols}
+    out = measure_answers(model, psets, batch_size)
+    return out[answer_col] if isinstance(answer_col, str) else out
 
 
-def counterfact_measure(model, facts: pd.DataFrame, fmt: str, answer: str = "target_true",
+def counterfact_measure(model, facts: pd.DataFrame, fmt: str, answer="target_true",
                         batch_size: int = 32) -> dict:
-    """Mean normalized probability and accuracy of a CounterFact answer in one format."""
+    """Mean normalized probability and accuracy of a CounterFact answer in one format (a list of
+    answers -> {answer: {"p", "acc"}} from one pass)."""
     from .prompts import counterfact_prompts
 
-    s = score_prompts(model, counterfact_prompts(facts, fmt, answer), batch_size)
-    return {"p": float(s.p_norm.mean()), "acc": float(s.hit.mean())}
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    out = measure_answers(model, {a: counterfact_prompts(facts, fmt, a) for a in answers}, batch_size)
+    return out[answer] if isinstance(answer, str) else out
 
 
 @torch.no_grad()
@@ -148,17 +173,19 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
     out: dict[str, float] = {}
     if task.kind == "sports":
         cands = ("basketball", "baseball", "football", "golf")
+        cols = ["sport", "target"] if task.mode == "edit" else ["sport"]
         for fmt in formats:
-            for split, df in (("forget", task.eval_forget), ("maintain", task.eval_maintain)):
-                r = sports_measure(model, df, "sport", fmt, cands)
-                out[f"{split}.{fmt}.p_true"], out[f"{split}.{fmt}.acc_true"] = r["p"], r["acc"]
+            r = sports_measure(model, task.eval_forget, cols, fmt, cands)
+            out[f"forget.{fmt}.p_true"], out[f"forget.{fmt}.acc_true"] = r["sport"]["p"], r["sport"]["acc"]
             if task.mode == "edit":
-                out[f"forget.{fmt}.p_target"] = sports_measure(model, task.eval_forget, "target", fmt, cands)["p"]
+                out[f"forget.{fmt}.p_target"] = r["target"]["p"]
+            m = sports_measure(model, task.eval_maintain, "sport", fmt, cands)
+            out[f"maintain.{fmt}.p_true"], out[f"maintain.{fmt}.acc_true"] = m["p"], m["acc"]
     else:
         for fmt in ("prompt", "paraphrase", "mcq"):
-            r = counterfact_measure(model, task.eval_forget, fmt)
-            out[f"forget.{fmt}.p_true"], out[f"forget.{fmt}.acc_true"] = r["p"], r["acc"]
-            out[f"forget.{fmt}.p_target"] = counterfact_measure(model, task.eval_forget, fmt, "target_new")["p"]
+            r = counterfact_measure(model, task.eval_forget, fmt, ["target_true", "target_new"])
+            out[f"forget.{fmt}.p_true"], out[f"forget.{fmt}.acc_true"] = r["target_true"]["p"], r["target_true"]["acc"]
+            out[f"forget.{fmt}.p_target"] = r["target_new"]["p"]
             m = counterfact_measure(model, task.eval_maintain, fmt)
             out[f"maintain.{fmt}.p_true"], out[f"maintain.{fmt}.acc_true"] = m["p"], m["acc"]
         out["neighborhood.p_true"] = counterfact_measure(model, task.eval_forget, "neighborhood")["p"]

@@ -27,9 +27,11 @@ def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athl
     cands = (*SPORTS, "golf")
 
     def measure(stage):
-        return [dict(stage=stage, format=fmt, **{f"p({col})": sports_measure(model, forget, col, fmt, cands)["p"]
-                                                  for col in ("sport", "target")})
-                for fmt in ("normal", "question", "mcq")]
+        rows = []
+        for fmt in ("normal", "question", "mcq"):
+            r = sports_measure(model, forget, ["sport", "target"], fmt, cands)
+            rows.append({"stage": stage, "format": fmt, "p(sport)": r["sport"]["p"], "p(target)": r["target"]["p"]})
+        return rows
 
     rows = measure("before")
     base = snapshot(model, param_names)

@@ -38,6 +38,9 @@ TASKS = ["sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport"]
 METHODS = []  # [] -> every localization notebook 02 saved
 SPORT = "basketball"  # the sport forgotten in sport_to_golf / unlearn_sport
 N_FACTS = 16  # athletes / CounterFact facts edited in athletes_to_sport / counterfact
+N_MAINTAIN = 64  # facts kept (half trained on, half evaluated)
+N_HELDOUT_TEXT = 32  # held-out general-text paragraphs for the LM side effect
+N_UNRELATED = 48  # unedited CounterFact facts for the unrelated-fact side effect
 STEPS = 50
 LR = 1e-4  # used for every method unless the sweep picks another
 FORGET_COEF = 1.0
@@ -69,6 +72,7 @@ RESULTS_DIR = start(SEED, RESULTS_DIR)
 OUT = notebook_dir(RESULTS_DIR, STEM)
 if SMOKE:
     TASKS, STEPS, N_FACTS, SWEEP = ["athletes_to_sport"], 8, 8, False
+    N_MAINTAIN, N_HELDOUT_TEXT, N_UNRELATED = 16, 8, 16
     METHODS = METHODS or ["flu", "ap", "random"]
 
 # %% [markdown]
@@ -85,12 +89,12 @@ for kind, locs in localizations.items():
     print(kind, {m: loc.n_params for m, loc in locs.items()})
 
 # %% [markdown]
-# General text: the first paragraphs feed the LM retain loss, the last 32 are held out to
-# measure the side effect on language modelling.
+# General text: the first paragraphs feed the LM retain loss, the last `N_HELDOUT_TEXT` are
+# held out to measure the side effect on language modelling.
 
 # %%
 text = load_general_text()
-train_text, heldout_text = text[:64], text[-32:]
+train_text, heldout_text = text[:64], text[-N_HELDOUT_TEXT:]
 print(f"{len(text)} paragraphs; MCQ usable on this model: {setup['mcq_usable']}")
 
 # %% [markdown]
@@ -104,7 +108,8 @@ print(f"{len(text)} paragraphs; MCQ usable on this model: {setup['mcq_usable']}"
 # %%
 def build(name):
     kw = dict(sport=SPORT) if name in ("sport_to_golf", "unlearn_sport") else dict(n=N_FACTS)
-    return make_task(name, athletes=athletes, facts=facts, seed=SEED, **kw)
+    n_maintain = N_MAINTAIN // 2 if name == "counterfact" else N_MAINTAIN
+    return make_task(name, athletes=athletes, facts=facts, seed=SEED, n_maintain=n_maintain, **kw)
 
 
 tasks = {name: build(name) for name in TASKS}
@@ -117,7 +122,8 @@ for t in tasks.values():
 
 # %%
 def eval_kwargs(task):
-    unrelated = facts.iloc[N_FACTS:N_FACTS + 48] if task.kind == "counterfact" else facts.head(48)
+    first = N_FACTS if task.kind == "counterfact" else 0
+    unrelated = facts.iloc[first:first + N_UNRELATED]
     return dict(heldout_text=heldout_text, unrelated_facts=unrelated)
 
 
@@ -216,7 +222,7 @@ from mechunlearn_utils.widgets import edit_fact_widget, edit_one_athlete  # noqa
 
 demo_method = "flu" if "flu" in localizations["sports"] else next(iter(localizations["sports"]))
 demo = edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,
-                        athlete=athletes.athlete.iloc[0], new_sport="golf", steps=10 if SMOKE else 25,
+                        athlete=athletes.athlete.iloc[0], new_sport="golf", steps=3 if SMOKE else 25,
                         general_text=train_text)
 display(demo)
 edit_fact_widget(model, localizations["sports"], athletes, train_text)

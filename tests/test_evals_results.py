@@ -55,3 +55,14 @@ def test_missing_results_name_the_notebook(tmp_path):
         read_metrics(tmp_path, "00_setup")
     with pytest.raises(MissingResultsError, match="00_setup"):
         require_file(tmp_path, "00_setup", "known_athletes.csv")
+
+
+def test_one_pass_measures_match_separate_ones(tiny):
+    from mechunlearn_utils.evals import sports_measure
+
+    df = load_athletes().head(6).assign(target="golf")
+    cands = ("basketball", "baseball", "football", "golf")
+    both = sports_measure(tiny, df, ["sport", "target"], "mcq", cands)
+    for col in ("sport", "target"):
+        alone = sports_measure(tiny, df, col, "mcq", cands)
+        assert abs(both[col]["p"] - alone["p"]) < 1e-6 and both[col]["acc"] == alone["acc"]
