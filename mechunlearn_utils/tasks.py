@@ -115,3 +115,11 @@ def make_task(name: str, athletes: pd.DataFrame | None = None, facts: pd.DataFra
     if source is None or len(source) == 0:
         raise ValueError(f"task {name!r} needs a non-empty {'facts' if name == 'counterfact' else 'athletes'} table")
     return builders[name](source, **kwargs)
+
+
+def unrelated_facts(task: Task, facts: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Up to `n` CounterFact facts the task neither edits nor trains on (side-effect probe)."""
+    used = set()
+    if task.kind == "counterfact":
+        used = set(task.train_forget.subject) | set(task.train_maintain.subject) | set(task.eval_forget.subject)
+    return facts[~facts.subject.isin(used)].head(n).reset_index(drop=True)

@@ -64,7 +64,7 @@ from mechunlearn_utils.localize import load_localizations
 from mechunlearn_utils.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.plotting import edit_summary_plot
 from mechunlearn_utils.results import notebook_dir, read_metrics, save_figure, write_metrics
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.tasks import make_task, unrelated_facts
 
 STEM = "03_editing_and_unlearning"
 t_start = time.perf_counter()
@@ -122,9 +122,7 @@ for t in tasks.values():
 
 # %%
 def eval_kwargs(task):
-    first = N_FACTS if task.kind == "counterfact" else 0
-    unrelated = facts.iloc[first:first + N_UNRELATED]
-    return dict(heldout_text=heldout_text, unrelated_facts=unrelated)
+    return dict(heldout_text=heldout_text, unrelated_facts=unrelated_facts(task, facts, N_UNRELATED))
 
 
 base_rows = {name: evaluate_task(model, t, **eval_kwargs(t)) for name, t in tasks.items()}

@@ -117,3 +117,14 @@ def test_evaluate_task_reports_every_measure(tiny, athletes):
         assert 0 <= out[key] <= 1
     assert len(task.eval_forget) + len(task.train_forget) == (athletes.sport == "basketball").sum()
     assert set(task.eval_forget.athlete).isdisjoint(task.train_forget.athlete)
+
+
+def test_unrelated_facts_exclude_everything_the_task_touches():
+    from mechunlearn_utils.data import load_counterfact
+    from mechunlearn_utils.tasks import unrelated_facts
+
+    facts = load_counterfact().head(60)
+    task = make_task("counterfact", facts=facts, n=8, n_maintain=10)
+    free = unrelated_facts(task, facts, 100)
+    touched = set(task.train_forget.subject) | set(task.train_maintain.subject)
+    assert len(free) == 60 - len(touched) and touched.isdisjoint(free.subject)
