@@ -131,3 +131,54 @@ def verdict_lines(table, tasks: dict, mcq_usable: bool, flu: str = "flu", ot=("a
             lines.append(f"[{name}] LM loss change on held-out text: "
                          + ", ".join(f"{m} {d:+.3f}" for m, d in deltas.items()))
     return lines
+
+
+# --------------------------------------------------------------------------- side by side with the paper
+
+PAPER_RESULTS_CSV = Path(__file__).resolve().parent.parent / "data" / "paper_results.csv"
+PAPER_TABLE_OF_TASK = {"sport_to_golf": "sports_golf", "athletes_to_sport": "sports_athletes",
+                       "counterfact": "counterfact"}
+
+
+def load_paper_results(path=PAPER_RESULTS_CSV):
+    """The paper's numbers (data/paper_results.csv): columns table, method, measure, value."""
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def metrics_long(metrics: dict, tasks=None):
+    """A notebook-03 style flat dict `<task>.<method>.<measure>` -> long table task/method/measure/value."""
+    import pandas as pd
+
+    rows = []
+    for key, value in metrics.items():
+        parts = key.split(".", 2)
+        if len(parts) == 3 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if tasks is None or parts[0] in tasks:
+                rows.append(dict(task=parts[0], method=parts[1], measure=parts[2], value=float(value)))
+    return pd.DataFrame(rows, columns=["task", "method", "measure", "value"])
+
+
+def side_by_side(ours, paper):
+    """Join our long table with the paper's on (task, method, measure): columns ours, paper."""
+    paper = paper.assign(task=paper.table.map({v: k for k, v in PAPER_TABLE_OF_TASK.items()}))
+    merged = ours.merge(paper[["task", "method", "measure", "value"]], on=["task", "method", "measure"],
+                        how="inner", suffixes=("_ours", "_paper"))
+    return merged.rename(columns={"value_ours": "ours", "value_paper": "paper"})
+
+
+def claim_verdict(values: dict, flu: str = "flu", rivals=("ap", "ct"), lower_is_better: bool = True,
+                  margin: float = 0.05) -> tuple[str, str]:
+    """Is FLU better than every rival by at least `margin`? -> (verdict, the numbers in words).
+
+    'reproduced' when FLU beats every rival by the margin, 'not reproduced' when it beats none,
+    'mixed' otherwise; 'not measured' when FLU or every rival is missing."""
+    present = [r for r in rivals if r in values]
+    if flu not in values or not present:
+        return "not measured", "missing: " + ", ".join(m for m in (flu, *rivals) if m not in values)
+    sign = 1 if lower_is_better else -1
+    wins = [sign * (values[r] - values[flu]) >= margin for r in present]
+    verdict = "reproduced" if all(wins) else ("not reproduced" if not any(wins) else "mixed")
+    words = f"FLU {values[flu]:.3f} vs " + ", ".join(f"{r} {values[r]:.3f}" for r in present)
+    return verdict, words

@@ -66,3 +66,24 @@ def test_one_pass_measures_match_separate_ones(tiny):
     for col in ("sport", "target"):
         alone = sports_measure(tiny, df, col, "mcq", cands)
         assert abs(both[col]["p"] - alone["p"]) < 1e-6 and both[col]["acc"] == alone["acc"]
+
+
+def test_claim_verdicts_follow_the_numbers():
+    from mechunlearn_utils.results import claim_verdict
+
+    assert claim_verdict({"flu": 0.1, "ap": 0.5, "ct": 0.4})[0] == "reproduced"
+    assert claim_verdict({"flu": 0.6, "ap": 0.5, "ct": 0.4})[0] == "not reproduced"
+    assert claim_verdict({"flu": 0.3, "ap": 0.5, "ct": 0.32})[0] == "mixed"
+    assert claim_verdict({"flu": 0.9, "ap": 0.5}, lower_is_better=False)[0] == "reproduced"
+    assert claim_verdict({"ap": 0.5})[0] == "not measured"
+
+
+def test_side_by_side_joins_on_task_method_measure():
+    from mechunlearn_utils.results import load_paper_results, metrics_long, side_by_side
+
+    ours = metrics_long({"sport_to_golf.flu.forget.mcq.p_true": 0.2, "counterfact.ap.neighborhood.p_true": 0.7,
+                         "model": "x", "sport_to_golf.flu.train.seconds": 3.0})
+    table = side_by_side(ours, load_paper_results())
+    assert len(table) == 2
+    row = table[(table.task == "sport_to_golf") & (table.method == "flu")].iloc[0]
+    assert row.ours == 0.2 and row.paper == 0.278

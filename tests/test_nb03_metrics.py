@@ -1,0 +1,46 @@
+"""Notebook 03 (SMOKE run): every method edits, evaluations are complete and in range."""
+
+import pytest
+
+from mechunlearn_utils.edit import load_edited, restore
+
+pytestmark = pytest.mark.notebook
+TASK = "athletes_to_sport"
+
+
+def test_every_method_has_every_measure(smoke_metrics):
+    m = smoke_metrics("03_editing_and_unlearning")
+    methods = {k.split(".")[1] for k in m if k.startswith(TASK + ".") and k.endswith(".train.seconds")}
+    assert methods, "no edit was trained"
+    for method in methods | {"base"}:
+        for fmt in ("normal", "question", "mcq"):
+            for measure in ("forget", "maintain"):
+                v = m[f"{TASK}.{method}.{measure}.{fmt}.p_true"]
+                assert 0 <= v <= 1
+        assert m[f"{TASK}.{method}.side.lm_loss"] > 0
+
+
+def test_edits_take_in_the_training_format(smoke_metrics):
+    m = smoke_metrics("03_editing_and_unlearning")
+    base = m[f"{TASK}.base.forget.normal.p_true"]
+    assert base > 0.5, "the smoke forget set should be athletes the model knows"
+    for method in ("flu", "random"):
+        if f"{TASK}.{method}.forget.normal.p_true" in m:
+            # the injected sport replaced the true one where the edit trained
+            assert m[f"{TASK}.{method}.forget.normal.p_true"] < base - 0.3
+            assert m[f"{TASK}.{method}.forget.normal.p_target"] > m[f"{TASK}.base.forget.normal.p_target"] + 0.3
+
+
+def test_saved_edits_reload(smoke_metrics, smoke_results_dir):
+    from mechunlearn_utils import load_model
+
+    smoke_metrics("03_editing_and_unlearning")
+    paths = sorted((smoke_results_dir / "03_editing_and_unlearning" / "edits" / TASK).glob("*.safetensors"))
+    assert paths
+    model = load_model("gemma-3-270m")
+    before = {n: p.clone() for n, p in model.hf.named_parameters() if "layers" in n}
+    base = load_edited(model, paths[0])
+    changed = [n for n, p in model.hf.named_parameters() if "layers" in n and not (p == before[n]).all()]
+    assert changed and set(changed) <= set(base)
+    restore(model, base)
+    assert all((p == before[n]).all() for n, p in model.hf.named_parameters() if "layers" in n)
