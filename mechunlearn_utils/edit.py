@@ -213,7 +213,7 @@ def select_parameters(model, param_names: list[str]) -> dict[str, torch.nn.Param
     """The named HF parameters; a clear error for names the model lacks or an empty list."""
     if not param_names:
         raise EditError("the localization names no parameters to train")
-    named = dict(model.hf.named_parameters())
+    named = model.named_parameters()
     missing = [n for n in param_names if n not in named]
     if missing:
         raise EditError(f"{len(missing)} parameter(s) not in {model.name}, e.g. {missing[:2]}: "

@@ -77,6 +77,11 @@ def offline_mode():
                 os.environ[k] = v
 
 
+def canonical_name(name: str) -> str:
+    """An HF parameter/module name without the TransformerBridge's ``_original_component`` wrappers."""
+    return name.replace("._original_component", "")
+
+
 @dataclass
 class LoadedModel:
     """One set of weights with three lenses (see module docstring)."""
@@ -101,6 +106,15 @@ class LoadedModel:
     @property
     def n_heads(self) -> int:
         return self.hf.config.num_attention_heads
+
+    def named_parameters(self) -> dict:
+        """{HF parameter name: parameter}, the same names before and after the TransformerLens
+        bridge is built (booting it wraps HF submodules in place, adding ``._original_component``
+        to every name)."""
+        out = {}
+        for name, p in self.hf.named_parameters():
+            out.setdefault(canonical_name(name), p)
+        return out
 
     @property
     def layers(self):

@@ -28,13 +28,13 @@ def text():
 
 def test_only_localized_weights_change_and_the_edit_takes(tiny, athletes, text):
     task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
-    before = {n: p.detach().clone() for n, p in tiny.hf.named_parameters()}
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters().items()}
     p0 = sports_measure(tiny, task.eval_forget, "target", "normal", ("basketball", "baseball", "football"))["p"]
     saved = snapshot(tiny, LATE)
     try:
         res = train_edit(tiny, LATE, task, text, EditConfig(steps=40, lr=3e-2, batch_size=4, lm_context=8),
                          progress=False)
-        changed = {n for n, p in tiny.hf.named_parameters() if not torch.equal(p, before[n])}
+        changed = {n for n, p in tiny.named_parameters().items() if not torch.equal(p, before[n])}
         assert changed == set(LATE)
         p1 = sports_measure(tiny, task.eval_forget, "target", "normal", ("basketball", "baseball", "football"))["p"]
         # a random 2-layer model mixes little of the athlete into the last token: modest but real
@@ -43,7 +43,7 @@ def test_only_localized_weights_change_and_the_edit_takes(tiny, athletes, text):
         assert res.start_layer == 1 and res.n_params == sum(before[n].numel() for n in LATE)
     finally:
         restore(tiny, saved)
-    assert all(torch.equal(p, before[n]) for n, p in tiny.hf.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters().items())
 
 
 def test_frozen_prefix_gives_the_same_hidden_states(tiny):

@@ -116,3 +116,24 @@ def test_corrupted_cache_is_converted_again(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "convert_gguf", fake_convert)
     hf, tok = models._load_packaged("gemma-3-270m", torch.float32)
     assert calls == ["gemma-3-270m"] and hf.config.num_hidden_layers == 2
+
+
+def test_parameter_names_survive_the_bridge():
+    """Booting the bridge wraps HF modules in place; canonical names stay the HF ones."""
+    model = load_model("tiny-random", "cpu")
+    before = list(model.named_parameters())
+    model.tl  # noqa: B018 - builds the bridge
+    assert list(model.named_parameters()) == before
+    assert "model.layers.1.mlp.down_proj.weight" in before
+
+
+def test_frozen_prefix_after_the_bridge_is_built(tiny):
+    from mechunlearn_utils.edit import hidden_from, prefix_hidden
+
+    tiny.tl  # noqa: B018
+    batch = tiny.tokenize([PROMPT])
+    with torch.no_grad():
+        full = hidden_from(tiny.hf, batch["input_ids"], batch["attention_mask"], 0, None)
+        pre = prefix_hidden(tiny.hf, batch["input_ids"], batch["attention_mask"], 1)
+        part = hidden_from(tiny.hf, batch["input_ids"], batch["attention_mask"], 1, pre)
+    assert torch.allclose(full, part, atol=1e-5)

@@ -38,9 +38,9 @@ def test_saved_edits_reload(smoke_metrics, smoke_results_dir):
     paths = sorted((smoke_results_dir / "03_editing_and_unlearning" / "edits" / TASK).glob("*.safetensors"))
     assert paths
     model = load_model("gemma-3-270m")
-    before = {n: p.clone() for n, p in model.hf.named_parameters() if "layers" in n}
+    before = {n: p.clone() for n, p in model.named_parameters().items() if "layers" in n}
     base = load_edited(model, paths[0])
-    changed = [n for n, p in model.hf.named_parameters() if "layers" in n and not (p == before[n]).all()]
+    changed = [n for n, p in model.named_parameters().items() if "layers" in n and not (p == before[n]).all()]
     assert changed and set(changed) <= set(base)
     restore(model, base)
-    assert all((p == before[n]).all() for n, p in model.hf.named_parameters() if "layers" in n)
+    assert all((p == before[n]).all() for n, p in model.named_parameters().items() if "layers" in n)

@@ -12,11 +12,11 @@ LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weigh
 
 def test_edit_one_athlete_moves_the_new_answer_and_restores(tiny):
     athletes = load_athletes().groupby("sport").head(8).reset_index(drop=True)
-    before = {n: p.clone() for n, p in tiny.hf.named_parameters()}
+    before = {n: p.clone() for n, p in tiny.named_parameters().items()}
     name = athletes.athlete.iloc[0]
     table = edit_one_athlete(tiny, LATE, athletes, name, "golf", steps=30, lr=3e-2, general_text=[" ".join(load_athletes().athlete)])
     assert table.loc[("after", "normal"), "p(golf)"] > table.loc[("before", "normal"), "p(golf)"]
-    assert all((p == before[n]).all() for n, p in tiny.hf.named_parameters())
+    assert all((p == before[n]).all() for n, p in tiny.named_parameters().items())
     with pytest.raises(ValueError, match="already plays"):
         edit_one_athlete(tiny, LATE, athletes, name, athletes.sport.iloc[0])
     with pytest.raises(ValueError, match="not among"):
