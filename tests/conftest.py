@@ -11,9 +11,12 @@ import pytest
 from mechunlearn_utils.runner import notebook_stems, run_notebook
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny():
-    """A 2-layer random Gemma-3 with a word-level tokenizer (loads in about a second)."""
+    """A 2-layer random Gemma-3 with a word-level tokenizer (loads in about a second).
+
+    One per test module: building the TransformerLens bridge wraps HF modules in place, which
+    peft (LoRA) cannot target, so a module that never touches `.tl` gets an unwrapped model."""
     from mechunlearn_utils import load_model
 
     return load_model("tiny-random", "cpu")

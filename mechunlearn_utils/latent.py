@@ -1,0 +1,340 @@
+"""Notebook 04: is the old fact still *in* the edited model? Linear probes on the residual stream.
+
+The paper's test (Guo et al. 2024, Figure 4): train per-layer logistic-regression probes to read an
+athlete's sport from the **base** model's residual stream (on athletes no edit touched), then apply
+them, unchanged, to the residual stream of each **edited** model on the edited athletes. If the probe
+still reads the true sport in the middle layers, the edit only rerouted the output (the knowledge is
+latent); if it reads the injected sport, the representation itself changed.
+
+* `residual_cache`      residual stream after every block at several named positions per prompt,
+                        one batched forward (``output_hidden_states``) per batch
+* `athlete_residuals`   the same for athletes' training-format prompts, at the final token and at
+                        the last subject token
+* `probe_split`         which athletes train the probes and which are probed, for a task
+* `train_position_probes` / `probe_curves`  per-layer probes (`probes.fit_probes`) and their
+                        accuracy against the true and the injected label
+* `edit_paths` / `task_from_edit`  the edits notebook 03 saved, and the task they were made on
+* `latent_curves`       everything above for every saved edit of a task, as one long table
+* `plot_latent_curves`, `probe_table`, `probe_widget`  the figure, the per-athlete view and its widget
+
+"Layer l" is the residual stream after block l (what `probes.residuals_at` returns): the last
+layer is the input of the final norm, not the normed output HF returns as its last hidden state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .probes import fit_probes
+from .prompts import sport_prompt
+
+STEM = "04_probing_latent_knowledge"
+EDITS_STEM = "03_editing_and_unlearning"
+POSITIONS = ("final", "subject")
+PROBE_TASKS = ("athletes_to_sport", "sport_to_golf")
+
+
+# --------------------------------------------------------------------------- activations
+
+@torch.no_grad()
+def residual_cache(model, prompts: list[str], positions: dict[str, list[int]], batch_size: int = 32,
+                   progress: bool = False) -> dict[str, np.ndarray]:
+    """Residual stream after every block at named positions: {name: array [layer, prompt, d_model]}.
+
+    `positions[name][i]` indexes `model.encode(prompts[i])` (BOS included). One forward per batch
+    with ``output_hidden_states`` (no unembedding); the last layer is read at the final norm's input.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to probe: the athlete set is empty")
+    if not positions:
+        raise ValueError("name at least one position to read")
+    for name, pos in positions.items():
+        if len(pos) != len(prompts):
+            raise ValueError(f"position {name!r}: {len(pos)} positions for {len(prompts)} prompts")
+    n_layers = model.n_layers
+    out = {name: np.zeros((n_layers, len(prompts), model.d_model), dtype=np.float32) for name in positions}
+    final_in = {}
+    hook = model.hf.model.norm.register_forward_pre_hook(lambda mod, args: final_in.__setitem__("x", args[0]))
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="residuals", disable=not progress, leave=False):
+            idx = list(range(start, min(start + batch_size, len(prompts))))
+            batch = model.tokenize([prompts[i] for i in idx])
+            res = model.hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states=True, use_cache=False)
+            layers = [*res.hidden_states[1:n_layers], final_in["x"]]  # after block 0 .. n-1
+            rows = torch.arange(len(idx))
+            for name, pos in positions.items():
+                p = torch.tensor([pos[i] for i in idx], device=batch["input_ids"].device)
+                if (p > batch["last_index"]).any() or (p < 0).any():
+                    raise ValueError(f"a {name!r} position lies outside its prompt")
+                for layer, h in enumerate(layers):
+                    out[name][layer, start:start + len(idx)] = h[rows, p].float().cpu().numpy()
+    finally:
+        hook.remove()
+    return out
+
+
+def probe_positions(model, athletes: list[str], fmt: str = "normal") -> tuple[list[str], dict[str, list[int]]]:
+    """Prompts of `athletes` in a format, and their final-token and last-subject-token positions."""
+    prompts = [sport_prompt(a, fmt) for a in athletes]
+    final = [len(model.encode(p)) - 1 for p in prompts]
+    subject = [model.subject_positions(p, a)[-1] for p, a in zip(prompts, athletes)]
+    return prompts, {"final": final, "subject": subject}
+
+
+def athlete_residuals(model, athletes: list[str], fmt: str = "normal", batch_size: int = 32,
+                      progress: bool = False) -> dict[str, np.ndarray]:
+    """`residual_cache` of athletes' prompts at the final token and at the last subject token."""
+    if len(athletes) == 0:
+        raise ValueError("no athletes to probe: the set is empty")
+    prompts, positions = probe_positions(model, list(athletes), fmt)
+    return residual_cache(model, prompts, positions, batch_size, progress)
+
+
+# --------------------------------------------------------------------------- probes
+
+def probe_split(task, known: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(probe-training athletes, probed athletes) for a sports task.
+
+    Probed: the task's evaluation forget set (for sport_to_golf the held-out half the edit never
+    trained on). Training: every other known athlete (their base-model activations), so the probe
+    has seen every sport and never the probed athletes. For sport_to_golf this includes the trained
+    half of the forgotten sport: every athlete of that sport is "forget", so there is no maintain
+    athlete to learn it from.
+    """
+    if task.kind != "sports":
+        raise ValueError(f"probes read an athlete's sport: task {task.name!r} is {task.kind}, not sports")
+    probed = task.eval_forget.reset_index(drop=True)
+    if len(probed) == 0:
+        raise ValueError(f"task {task.name!r} has no forget athletes to probe")
+    train = known[~known.athlete.isin(set(probed.athlete))].reset_index(drop=True)
+    if train.sport.nunique() < 2:
+        raise ValueError(f"probe training needs athletes of at least two sports, got {train.sport.unique()}")
+    return train, probed
+
+
+def train_position_probes(features: dict[str, np.ndarray], labels, C: float = 0.1, seed: int = 0) -> dict:
+    """One list of per-layer probes per position (sklearn logistic regression, multinomial)."""
+    return {pos: fit_probes(feats, labels, C=C, seed=seed) for pos, feats in features.items()}
+
+
+def _accuracy(probes: list, feats: np.ndarray, labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    return np.array([float((p.predict(feats[l]) == labels).mean()) for l, p in enumerate(probes)])
+
+
+def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edit_labels=None) -> dict:
+    """{position: {"true": acc[layer], "edit": acc[layer] or None}}.
+
+    The edit accuracy is None when an injected label is not a class the probes know (golf: no
+    athlete of the data plays it), since a probe cannot output it.
+    """
+    out = {}
+    for pos, plist in probes.items():
+        classes = set(plist[0].classes_)
+        edit = None
+        if edit_labels is not None and set(edit_labels) <= classes:
+            edit = _accuracy(plist, features[pos], edit_labels)
+        out[pos] = {"true": _accuracy(plist, features[pos], true_labels), "edit": edit}
+    return out
+
+
+# --------------------------------------------------------------------------- saved edits
+
+def edit_paths(results_dir, task_name: str, methods=None) -> dict[str, Path]:
+    """{method: saved edit (safetensors)} notebook 03 wrote for a task; a clear error when missing."""
+    from .results import MissingResultsError
+
+    folder = Path(results_dir) / EDITS_STEM / "edits" / task_name
+    found = {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.exists() else {}
+    if not found:
+        raise MissingResultsError(
+            f"no edited model of task {task_name!r} in {folder}: run notebooks/{EDITS_STEM}.py first "
+            f"(same RESULTS_DIR, with {task_name!r} in its TASKS)")
+    if methods:
+        missing = [m for m in methods if m not in found]
+        if missing:
+            raise MissingResultsError(f"notebook 03 saved no {task_name!r} edit for {missing} (it has "
+                                      f"{sorted(found)}): run notebooks/{EDITS_STEM}.py with those methods")
+        found = {m: found[m] for m in methods}
+    return found
+
+
+def task_from_edit(paths: dict[str, Path], athletes: pd.DataFrame, facts: pd.DataFrame | None = None):
+    """Rebuild the task the edits were trained on (same split) from the metadata notebook 03 saved."""
+    from .tasks import make_task
+
+    metas = {m: json.loads(Path(p).with_suffix(".json").read_text()) for m, p in paths.items()}
+    names = {(v["task"], json.dumps(v.get("task_meta", {}), sort_keys=True)) for v in metas.values()}
+    if len(names) != 1:
+        raise ValueError(f"the saved edits were made on different tasks or splits: {sorted(names)}")
+    info = next(iter(metas.values()))
+    kw = {k: info["task_meta"][k] for k in ("sport", "n", "seed") if k in info.get("task_meta", {})}
+    return make_task(info["task"], athletes=athletes, facts=facts, **kw)
+
+
+@dataclass
+class LatentResult:
+    """Per-layer probe accuracy of every edited model of one task (long table) and its inputs."""
+
+    task: str
+    curves: pd.DataFrame  # method, position, label ("true"/"edit"), layer, acc
+    features: dict = field(default_factory=dict)  # {method: {position: [layer, athlete, d]}}
+    change: dict = field(default_factory=dict)  # {method: relative change of the final-token residual, per layer}
+    first_layer: dict = field(default_factory=dict)  # {method: lowest layer the edit trained}
+    restore_max_abs_diff: float = 0.0
+    probes: dict = field(default_factory=dict)
+    probed: pd.DataFrame | None = None
+
+
+def _relative_change(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Per layer: |a - b| / |b| over the athletes' residual vectors (a, b: [layer, athlete, d])."""
+    return [float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)) for x, y in zip(a, b)]
+
+
+def first_edited_layer(path) -> int:
+    """Lowest decoder layer whose weights a saved edit changed (0 when it trains anything below)."""
+    from .edit import first_trainable_layer
+
+    info = json.loads(Path(path).with_suffix(".json").read_text())
+    return first_trainable_layer(info["param_names"])
+
+
+def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: float = 0.1, seed: int = 0,
+                  batch_size: int = 32, progress: bool = True) -> LatentResult:
+    """Probes trained on the base model, applied to the probed athletes of every edited model.
+
+    Also checks each edit changes the probed residual stream (an edit that changes nothing is a
+    bug: raises) and that the base model is restored exactly afterwards.
+    """
+    from .edit import edited
+
+    train, probed = probe_split(task, known)
+    base_train = athlete_residuals(model, list(train.athlete), batch_size=batch_size, progress=progress)
+    probes = train_position_probes(base_train, list(train.sport), C=C, seed=seed)
+    true, target = list(probed.sport), list(probed.target) if "target" in probed else None
+    feats = {"base": athlete_residuals(model, list(probed.athlete), batch_size=batch_size)}
+    for method, path in tqdm(paths.items(), desc=f"edited models ({task.name})", disable=not progress):
+        with edited(model, path):
+            feats[method] = athlete_residuals(model, list(probed.athlete), batch_size=batch_size)
+    again = athlete_residuals(model, list(probed.athlete), batch_size=batch_size)
+    restore_diff = max(float(np.abs(again[p] - feats["base"][p]).max()) for p in POSITIONS)
+    rows, change = [], {}
+    for method, f in feats.items():
+        if method != "base":
+            change[method] = _relative_change(f["final"], feats["base"]["final"])
+            if change[method][-1] == 0.0:
+                raise RuntimeError(f"the saved {method!r} edit of {task.name!r} leaves the residual stream "
+                                   "unchanged: the edit file holds the base weights")
+        for pos, c in probe_curves(probes, f, true, target).items():
+            for label, acc in c.items():
+                if acc is not None:
+                    rows += [dict(method=method, position=pos, label=label, layer=l, acc=float(a))
+                             for l, a in enumerate(acc)]
+    first = {m: first_edited_layer(p) for m, p in paths.items()}
+    return LatentResult(task.name, pd.DataFrame(rows), feats, change, first, restore_diff, probes, probed)
+
+
+# --------------------------------------------------------------------------- summaries, plots, widget
+
+def summary(curves: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Per method x position x label: accuracy at the middle layer, over the back half, and the max."""
+    mid = n_layers // 2
+    g = curves.groupby(["method", "position", "label"])
+    return pd.DataFrame({
+        "mid": g.apply(lambda d: float(d.loc[d.layer == mid, "acc"].iloc[0]), include_groups=False),
+        "back_half": g.apply(lambda d: float(d.loc[d.layer >= mid, "acc"].mean()), include_groups=False),
+        "max": g.acc.max(),
+    })
+
+
+def flat_metrics(result: LatentResult, n_layers: int) -> dict:
+    """metrics.json entries of one task: curves, summaries, edit-change and restore checks."""
+    out, t = {}, result.task
+    for (method, pos, label), d in result.curves.groupby(["method", "position", "label"]):
+        out[f"{t}.{method}.{pos}.{label}_acc_by_layer"] = d.sort_values("layer").acc.tolist()
+    for (method, pos, label), row in summary(result.curves, n_layers).iterrows():
+        for k, v in row.items():
+            out[f"{t}.{method}.{pos}.{label}_acc.{k}"] = float(v)
+    for m, v in result.change.items():
+        out[f"{t}.{m}.resid_change_by_layer"] = v
+        out[f"{t}.{m}.resid_change"] = v[-1]
+        out[f"{t}.{m}.first_edited_layer"] = result.first_layer[m]
+    out[f"{t}.restore_max_abs_diff"] = result.restore_max_abs_diff
+    out[f"{t}.n_probed"] = int(len(result.probed))
+    out[f"{t}.methods"] = [m for m in result.features if m != "base"]
+    return out
+
+
+def plot_latent_curves(curves: pd.DataFrame, title: str = "", chance: float | None = None):
+    """The paper's Figure 4: probe accuracy by layer, one line per method; rows = position,
+    columns = which label is scored (the true sport, the injected one)."""
+    import seaborn as sns
+
+    d = curves.assign(label=curves.label.map({"true": "true label", "edit": "injected label"}),
+                      model=np.where(curves.method == "base", "unedited", "edited"))
+    grid = sns.relplot(d, x="layer", y="acc", hue="method", style="model", row="position", col="label",
+                       kind="line", markers=True, markersize=4, height=2.8, aspect=1.5,
+                       style_order=["edited", "unedited"],
+                       col_order=[c for c in ("true label", "injected label") if c in set(d.label)])
+    for ax in grid.axes.flat:
+        ax.set_ylim(-0.03, 1.03)
+        if chance is not None:
+            ax.axhline(chance, ls=":", c="gray")
+    grid.set_axis_labels("layer (residual after block)", "probe accuracy")
+    grid.figure.suptitle(title, y=1.02)
+    return grid.figure
+
+
+def probe_table(result: LatentResult, method: str, position: str, layer: int) -> pd.DataFrame:
+    """Per probed athlete: true sport, injected sport, what the base-trained probe reads, its confidence."""
+    if method not in result.features:
+        raise ValueError(f"no edited model {method!r} for {result.task}; have {list(result.features)}")
+    if position not in result.probes:
+        raise ValueError(f"unknown position {position!r}; choose one of {list(result.probes)}")
+    n = len(result.probes[position])
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} outside 0..{n - 1}")
+    probe, x = result.probes[position][layer], result.features[method][position][layer]
+    proba = probe.predict_proba(x)
+    df = result.probed[["athlete", "sport"] + (["target"] if "target" in result.probed else [])].copy()
+    df["probe_reads"] = probe.classes_[proba.argmax(1)]
+    df["confidence"] = proba.max(1).round(3)
+    return df
+
+
+def probe_widget(results: dict):
+    """Pick task, edited model, position and layer: what the base-trained probe reads per athlete."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    task = w.Dropdown(options=list(results), description="task")
+    method = w.Dropdown(description="method")
+    position = w.Dropdown(options=list(POSITIONS), value="subject", description="position")
+    first = next(iter(results.values()))
+    layer = w.IntSlider(value=len(first.probes["final"]) // 2, min=0, max=len(first.probes["final"]) - 1,
+                        description="layer")
+    out = w.Output()
+
+    def options(_=None):
+        method.options = list(results[task.value].features)
+
+    def show(_=None):
+        out.clear_output()
+        with out:
+            if method.value is not None:
+                display(probe_table(results[task.value], method.value, position.value, layer.value))
+
+    options()
+    task.observe(lambda c: (options(), show()), names="value")
+    for c in (method, position, layer):
+        c.observe(show, names="value")
+    show()
+    return w.VBox([w.HBox([task, method]), w.HBox([position, layer]), out])

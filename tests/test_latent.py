@@ -1,0 +1,157 @@
+"""Notebook 04's library on the tiny model: residual cache, probe split, probes on edited models."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mechunlearn_utils.data import load_athletes
+from mechunlearn_utils.edit import restore, save_edit, snapshot
+from mechunlearn_utils.latent import (EDITS_STEM, athlete_residuals, edit_paths, flat_metrics, latent_curves,
+                                      plot_latent_curves, probe_curves, probe_positions, probe_split, probe_table,
+                                      probe_widget, residual_cache, summary, task_from_edit, train_position_probes)
+from mechunlearn_utils.probes import residuals_at
+from mechunlearn_utils.results import MissingResultsError
+from mechunlearn_utils.tasks import make_task
+
+EDITED = ["model.layers.0.mlp.down_proj.weight"]
+LATE = {"flu": EDITED, "ap": ["model.layers.1.mlp.down_proj.weight"]}  # what each fake edit changes
+
+
+@pytest.fixture(scope="module")
+def athletes():
+    return load_athletes().groupby("sport").head(8).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def task(athletes):
+    return make_task("athletes_to_sport", athletes=athletes, n=4, seed=0)  # notebook 03 keeps n_maintain default
+
+
+@pytest.fixture(scope="module")
+def results_dir(tiny, task, tmp_path_factory):
+    """A RESULTS_DIR with two saved 'edits' of athletes_to_sport (random perturbations of one matrix)."""
+    root = tmp_path_factory.mktemp("r")
+    for i, (method, names) in enumerate(LATE.items()):
+        base = snapshot(tiny, names)
+        with torch.no_grad():
+            w = dict(tiny.hf.named_parameters())[names[0]]
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
+        save_edit(tiny, names, root / EDITS_STEM / "edits" / task.name / method,
+                  {"task": task.name, "task_meta": task.meta, "method": method})
+        restore(tiny, base)
+    return root
+
+
+def test_residual_cache_matches_probes_residuals_at(tiny, athletes):
+    names = list(athletes.athlete[:5])
+    prompts, pos = probe_positions(tiny, names)
+    cache = residual_cache(tiny, prompts, pos, batch_size=2)
+    for name in ("final", "subject"):
+        ref = residuals_at(tiny, prompts, pos[name], backend="hf")
+        assert cache[name].shape == (tiny.n_layers, 5, tiny.d_model)
+        np.testing.assert_allclose(cache[name], ref, atol=1e-5)
+    # the subject position is the athlete's last token, before the final one
+    assert all(s < f for s, f in zip(pos["subject"], pos["final"]))
+    assert tiny.tokenizer.decode([tiny.encode(prompts[0])[pos["subject"][0]]]).strip() == names[0].split()[-1]
+
+
+def test_residual_cache_rejects_bad_input(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        residual_cache(tiny, [], {"final": []})
+    with pytest.raises(ValueError, match="positions for"):
+        residual_cache(tiny, ["Fact : a"], {"final": [0, 1]})
+    with pytest.raises(ValueError, match="outside"):
+        residual_cache(tiny, ["Fact : a"], {"final": [50]})
+    with pytest.raises(ValueError, match="empty"):
+        athlete_residuals(tiny, [])
+
+
+def test_probe_split_keeps_probed_athletes_out_of_training(athletes, task):
+    train, probed = probe_split(task, athletes)
+    assert set(train.athlete).isdisjoint(probed.athlete)
+    assert len(train) + len(probed) == len(athletes) and set(probed.athlete) == set(task.eval_forget.athlete)
+    golf = make_task("sport_to_golf", athletes=athletes, sport="basketball", seed=0, n_maintain=8)
+    train, probed = probe_split(golf, athletes)
+    assert set(probed.athlete) == set(golf.eval_forget.athlete)
+    assert "basketball" in set(train.sport)  # learned from the trained half
+    cf = make_task("athletes_to_sport", athletes=athletes, n=4)
+    cf.kind = "counterfact"
+    with pytest.raises(ValueError, match="sports"):
+        probe_split(cf, athletes)
+
+
+def test_probes_read_separable_labels_and_skip_unknown_edit_labels():
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b", "c"] * 10)
+    centers = {"a": 0, "b": 5, "c": 10}
+
+    def feats():  # layer 0 carries nothing about the label, layers 1-2 separate it
+        return {"final": np.stack([np.stack([rng.normal(centers[y] * (l > 0), 1, 4) for y in labels])
+                                   for l in range(3)])}
+
+    probes = train_position_probes(feats(), labels)
+    test = feats()
+    c = probe_curves(probes, test, labels, ["b"] * 30)
+    assert c["final"]["true"][0] < 0.7 and c["final"]["true"][1:].min() == 1.0
+    assert c["final"]["edit"][1:].max() == pytest.approx(1 / 3)
+    assert probe_curves(probes, test, labels, ["golf"] * 30)["final"]["edit"] is None
+
+
+def test_edit_paths_and_missing_edits_name_notebook_03(results_dir, tmp_path):
+    assert set(edit_paths(results_dir, "athletes_to_sport")) == {"flu", "ap"}
+    with pytest.raises(MissingResultsError, match="03_editing_and_unlearning"):
+        edit_paths(tmp_path, "athletes_to_sport")
+    with pytest.raises(MissingResultsError, match="ct"):
+        edit_paths(results_dir, "athletes_to_sport", ["flu", "ct"])
+
+
+def test_task_from_edit_rebuilds_the_same_split(results_dir, athletes, task):
+    again = task_from_edit(edit_paths(results_dir, "athletes_to_sport"), athletes)
+    pd.testing.assert_frame_equal(again.eval_forget, task.eval_forget)
+    pd.testing.assert_frame_equal(again.train_maintain, task.train_maintain)
+
+
+def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir):
+    names = EDITED + LATE["ap"]
+    before = snapshot(tiny, names)
+    res = latent_curves(tiny, task, athletes, edit_paths(results_dir, task.name), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(tiny, names).items())
+    assert res.restore_max_abs_diff == 0.0
+    assert set(res.curves.method) == {"base", "flu", "ap"} and set(res.curves.label) == {"true", "edit"}
+    assert len(res.curves) == 3 * 2 * 2 * tiny.n_layers and res.curves.acc.between(0, 1).all()
+    assert all(v[-1] > 0.01 for v in res.change.values())  # the perturbed matrix moved the residual stream
+    # an edit moves the residual from its first edited layer on, never below it
+    assert res.first_layer == {"flu": 0, "ap": 1}
+    assert res.change["flu"][0] > 0 and res.change["ap"][0] == 0.0 and res.change["ap"][1] > 0
+    base_curve = res.curves[(res.curves.method == "base") & (res.curves.layer == 0)].acc.tolist()
+    assert res.curves[(res.curves.method == "ap") & (res.curves.layer == 0)].acc.tolist() == base_curve
+    # the edit changes the probed activations, the base ones stay
+    assert not np.allclose(res.features["flu"]["final"], res.features["base"]["final"])
+    m = flat_metrics(res, tiny.n_layers)
+    assert len(m["athletes_to_sport.flu.final.true_acc_by_layer"]) == tiny.n_layers
+    assert 0 <= m["athletes_to_sport.ap.subject.edit_acc.mid"] <= 1
+    assert m["athletes_to_sport.methods"] == ["ap", "flu"]  # sorted by file name
+    s = summary(res.curves, tiny.n_layers)
+    assert s.loc[("base", "final", "true"), "max"] >= s.loc[("base", "final", "true"), "mid"]
+    fig = plot_latent_curves(res.curves, "tiny", chance=1 / 3)
+    assert len(fig.axes) == 4
+    table = probe_table(res, "flu", "subject", 1)
+    assert list(table.columns) == ["athlete", "sport", "target", "probe_reads", "confidence"]
+    assert set(table.probe_reads) <= {"basketball", "baseball", "football"}
+    with pytest.raises(ValueError, match="no edited model"):
+        probe_table(res, "ct", "subject", 1)
+    with pytest.raises(ValueError, match="layer"):
+        probe_table(res, "flu", "subject", 9)
+    assert probe_widget({task.name: res}) is not None
+
+
+def test_an_edit_that_changes_nothing_is_an_error(tiny, athletes, task, tmp_path):
+    save_edit(tiny, EDITED, tmp_path / EDITS_STEM / "edits" / task.name / "flu",
+              {"task": task.name, "task_meta": task.meta, "method": "flu"})
+    with pytest.raises(RuntimeError, match="unchanged"):
+        latent_curves(tiny, task, athletes, edit_paths(tmp_path, task.name), progress=False)
+    meta = json.loads((tmp_path / EDITS_STEM / "edits" / task.name / "flu.json").read_text())
+    assert meta["task_meta"] == task.meta
