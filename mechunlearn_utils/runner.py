@@ -23,6 +23,29 @@ from .notebook import resolve_results_dir
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
+# Which earlier notebooks' results each notebook reads (07 also reads 04-06 when present).
+DEPENDS_ON = {
+    "01_factual_recall_circuits": ["00_setup"],
+    "02_localization": ["00_setup"],
+    "03_editing_and_unlearning": ["00_setup", "02_localization"],
+    "04_probing_latent_knowledge": ["03_editing_and_unlearning"],
+    "05_attacks": ["03_editing_and_unlearning"],
+    "06_weight_masking": ["03_editing_and_unlearning"],
+    "07_results": ["03_editing_and_unlearning"],
+}
+
+
+def prerequisites(stem: str) -> list[str]:
+    """`stem` and every notebook it needs, in workbook order."""
+    needed, todo = set(), [stem]
+    while todo:
+        s = todo.pop()
+        if s not in needed:
+            needed.add(s)
+            todo += DEPENDS_ON.get(s, [])
+    return [s for s in notebook_stems() if s in needed]
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook, the cell and the error."""
 

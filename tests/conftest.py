@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mechunlearn_utils.runner import notebook_stems, run_notebook
+from mechunlearn_utils.runner import notebook_stems, prerequisites, run_notebook
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +31,15 @@ def smoke_results_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_metrics(smoke_results_dir):
-    """`smoke_metrics(stem)` runs notebooks up to `stem` once (SMOKE=True), returns its metrics."""
+    """`smoke_metrics(stem)` runs `stem` and the notebooks it depends on, each once (SMOKE=True),
+    and returns its metrics."""
     done: dict[str, dict] = {}
     failed: dict[str, str] = {}
 
     def get(stem: str) -> dict:
         stems = notebook_stems()
         assert stem in stems, f"no notebook {stem}; have {stems}"
-        for s in stems[: stems.index(stem) + 1]:
+        for s in prerequisites(stem):
             if s in failed:
                 pytest.fail(f"an earlier smoke run failed: {failed[s]}")
             if s not in done:
