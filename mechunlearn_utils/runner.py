@@ -21,6 +21,7 @@ from .data import REPO_ROOT
 from .notebook import resolve_results_dir
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) fails instead of blocking
 
 
 # Which earlier notebooks' results each notebook reads (07 also reads 04-06 when present).
@@ -76,7 +77,8 @@ def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_out
     params = {"RESULTS_DIR": str(results_dir), **(parameters or {})}
     try:
         pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
-                            kernel_name="python3", progress_bar=False, log_output=log_output)
+                            kernel_name="python3", progress_bar=False, log_output=log_output,
+                            execution_timeout=CELL_TIMEOUT_S)
     except pm.PapermillExecutionError as err:
         raise NotebookFailed(
             f"notebook {stem} failed in cell {err.cell_index} (execution count {err.exec_count}): "
