@@ -3,6 +3,7 @@
     python -m mechunlearn_utils recall --model gemma-3-270m --facts data/athletes.csv
     python -m mechunlearn_utils recall --facts my.csv --format question
     python -m mechunlearn_utils recall --facts my.csv --template "{athlete} is famous for playing"
+    python -m mechunlearn_utils recall --facts my.csv --edit results/03_editing_and_unlearning/edits/athletes_to_sport/flu
 
 `recall` prints JSON: n, accuracy (argmax over the candidate sports), mean normalized probability
 of the right sport, and accuracy per sport. The CSV needs columns athlete,sport.
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--facts", required=True, help="CSV with columns athlete,sport ('paper' = the paper's)")
     rec.add_argument("--format", default="normal", choices=SPORT_FORMATS)
     rec.add_argument("--template", help="custom prompt containing {athlete} (overrides --format)")
+    rec.add_argument("--edit", metavar="PATH",
+                     help="an edit saved by notebook 03 (.safetensors, with its .json) applied to the model first")
     rec.add_argument("--device", default="auto")
     rec.add_argument("--batch-size", type=int, default=32)
     return ap
@@ -33,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def recall_command(args) -> dict:
     from .data import load_athletes
+    from .edit import load_edited
     from .evals import sports_recall
     from .models import load_model
 
@@ -40,18 +44,22 @@ def recall_command(args) -> dict:
     if args.template is not None and "{athlete}" not in args.template:
         raise ValueError("--template must contain '{athlete}'")
     model = load_model(args.model, args.device)
+    if args.edit:
+        load_edited(model, args.edit)
     summary, _ = sports_recall(model, athletes, args.format, args.template, args.batch_size)
-    return {"model": args.model, "format": "custom" if args.template else args.format, **summary}
+    return {"model": args.model, "edit": args.edit, "format": "custom" if args.template else args.format,
+            **summary}
 
 
 def main(argv=None) -> int:
     from .data import DataError
+    from .edit import EditError
     from .models import ModelLoadError
 
     args = _parser().parse_args(argv)
     try:
         result = recall_command(args)
-    except (DataError, ModelLoadError, ValueError) as err:
+    except (DataError, EditError, ModelLoadError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))

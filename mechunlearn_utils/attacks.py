@@ -56,6 +56,7 @@ from .results import MissingResultsError
 
 CANDIDATES = ("basketball", "baseball", "football", "golf")  # as in evals.evaluate_task
 SPORT_COLUMNS = CANDIDATES
+SPORTS_TASKS = ("athletes_to_sport", "sport_to_golf", "unlearn_sport")
 EDITS_STEM = "03_editing_and_unlearning"
 EDITS_NOTEBOOK = "notebooks/03_editing_and_unlearning.py"
 LANGUAGE_CSV = DATA_DIR / "multilingual_templates.csv"
@@ -122,6 +123,10 @@ def find_edits(results_dir, tasks: list[str], methods: list[str] | None = None) 
 
     Raises the notebook-03 error when a task has no edit at all, or a requested method is missing
     for every task (a method missing for some tasks only is skipped)."""
+    bad = [t for t in tasks if t not in SPORTS_TASKS]
+    if not tasks or bad:
+        raise AttackError(f"the attacks run on sports tasks {list(SPORTS_TASKS)}; got {list(tasks)} (CounterFact "
+                          "facts have no shared answer set for soft prompts, languages and relearning splits)")
     found = {}
     for task in tasks:
         have = available_methods(results_dir, task)
@@ -232,25 +237,27 @@ def _summary(scores: pd.DataFrame) -> dict:
     return {"p": float(scores.p_norm.mean()), "acc": float(scores.hit.mean()), "n": int(len(scores))}
 
 
-def sports_p_true(model, athletes: pd.DataFrame, fmt: str = "normal", template: str | None = None,
-                  answer_col: str = "sport", soft=None, batch_size: int = 32) -> dict:
-    """{"p": mean normalized p of `answer_col`, "acc": argmax accuracy, "n"} in one format."""
+def _sport_scores(model, athletes: pd.DataFrame, fmt: str, template: str | None, answer_col: str, soft,
+                  batch_size: int = 32) -> pd.DataFrame:
     if len(athletes) == 0:
         raise AttackError("no athletes to evaluate: the set is empty")
     pset = sport_prompts(list(athletes.athlete), list(athletes[answer_col]), fmt, candidates=CANDIDATES,
                          template=template)
-    return _summary(candidate_scores(model, pset.prompts, candidate_token_ids(model, pset.candidates),
-                                     pset.correct, soft, batch_size))
+    return candidate_scores(model, pset.prompts, candidate_token_ids(model, pset.candidates), pset.correct,
+                            soft, batch_size)
+
+
+def sports_p_true(model, athletes: pd.DataFrame, fmt: str = "normal", template: str | None = None,
+                  answer_col: str = "sport", soft=None, batch_size: int = 32) -> dict:
+    """{"p": mean normalized p of `answer_col`, "acc": argmax accuracy, "n"} in one format
+    (``soft``: a soft prompt [k, d] inserted after BOS)."""
+    return _summary(_sport_scores(model, athletes, fmt, template, answer_col, soft, batch_size))
 
 
 def athlete_p_true(model, athletes: pd.DataFrame, fmt: str = "normal", template: str | None = None,
                    answer_col: str = "sport", soft=None) -> pd.Series:
     """Normalized p of `answer_col` per athlete (indexed by athlete name): score once, average subsets."""
-    if len(athletes) == 0:
-        raise AttackError("no athletes to evaluate: the set is empty")
-    pset = sport_prompts(list(athletes.athlete), list(athletes[answer_col]), fmt, candidates=CANDIDATES,
-                         template=template)
-    s = candidate_scores(model, pset.prompts, candidate_token_ids(model, pset.candidates), pset.correct, soft)
+    s = _sport_scores(model, athletes, fmt, template, answer_col, soft)
     return pd.Series(s.p_norm.values, index=list(athletes.athlete), name="p_true")
 
 
@@ -280,7 +287,7 @@ class RelearnConfig:
     layers: list | None = None  # None: every decoder layer (the paper); else only these
     n_train: int | None = None  # forget athletes trained on (None: all given; 2: the earlier variant)
     batch_size: int = 16  # forget prompts per step
-    maintain_batch: int = 8
+    maintain_batch: int = 4
     maintain_coef: float = 1.0
     lm_coef: float = 1.0
     lm_batch: int = 1
@@ -424,10 +431,11 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         bar = tqdm(range(cfg.steps + 1), desc=f"relearn {cfg.mode}", disable=not progress, leave=False)
         for step in bar:
-            if step in eval_at:
+            if step in eval_at:  # both halves in one pass
+                p = athlete_p_true(model, pd.concat([heldout, train], ignore_index=True)).to_numpy()
                 res.steps.append(step)
-                res.forget_p_true.append(sports_p_true(model, heldout)["p"])
-                res.train_p_true.append(sports_p_true(model, train)["p"])
+                res.forget_p_true.append(float(p[:len(heldout)].mean()))
+                res.train_p_true.append(float(p[len(heldout):].mean()))
             if step == cfg.steps:
                 break
             f_idx = rng.choice(n_f, min(cfg.batch_size, n_f), replace=False)
@@ -741,6 +749,21 @@ def recovery_table(records: pd.DataFrame) -> pd.DataFrame:
     return r.pivot_table(index=["task", "method"], columns="attack", values="recovered", sort=False)
 
 
+def attack_verdicts(records: pd.DataFrame, flu: str = "flu", rivals=("ap", "ct"), margin: float = 0.05) -> pd.DataFrame:
+    """Per (task, attack): does FLU's edit hold better than the rivals' (lower forget p(true) after
+    the attack, by at least `margin`)? The verdict rule of notebook 07 (`results.claim_verdict`)."""
+    from .results import claim_verdict
+
+    rows = []
+    for (task, attack), g in records.groupby(["task", "attack"], sort=False):
+        values = dict(zip(g.method, g.p_attack))
+        verdict, words = claim_verdict(values, flu, rivals, lower_is_better=True, margin=margin)
+        others = ", ".join(f"{m} {p:.3f}" for m, p in values.items() if m not in (flu, *rivals))
+        rows.append(dict(task=task, attack=attack, verdict=verdict,
+                         numbers=words + (f" (also {others})" if others else "")))
+    return pd.DataFrame(rows, columns=["task", "attack", "verdict", "numbers"])
+
+
 def relearn_curve_frame(results: dict) -> pd.DataFrame:
     """Long table (task, method, variant, step, forget_p_true) from {(task, method, variant): RelearnResult}."""
     rows = [dict(task=t, method=m, variant=v, step=s, forget_p_true=p)
@@ -754,8 +777,9 @@ def plot_relearn_curves(curves: pd.DataFrame, title: str = ""):
 
     grid = sns.relplot(curves, x="step", y="forget_p_true", hue="method", col="variant", row="task",
                        kind="line", marker="o", height=3, facet_kws=dict(sharex=False))
-    grid.set(ylim=(0, 1))
-    grid.figure.suptitle(title, y=1.02)
+    grid.set(ylim=(0, 1), ylabel="held-out forget p(true)")
+    grid.set_titles("{row_name}: {col_name}")
+    grid.figure.suptitle(title, y=1.04)
     return grid.figure
 
 

@@ -778,6 +778,17 @@ def pick_components(ap: TracingResult, n: int = 12, seed: int = 0) -> list[Compo
     return top + extra
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return pd.Series(np.asarray(x)).rank().to_numpy()  # average ranks for ties
+
+
+def _pearson(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def ap_agreement(model, facts: FactSet, ap: TracingResult, n_components: int = 12,
                  batch_size: int = 64, backend: str = "tl", seed: int = 0) -> dict:
     """Compare attribution patching with real activation patching on a handful of components.
@@ -785,8 +796,6 @@ def ap_agreement(model, facts: FactSet, ap: TracingResult, n_components: int = 1
     Uses the same random-token corruption (same seed) as `ap`. Returns the components, both
     estimates, their Pearson and Spearman correlations and the passes real patching cost.
     """
-    from scipy.stats import pearsonr, spearmanr
-
     comps = pick_components(ap, n_components, seed)
     counter = PassCounter()
     t0 = time.perf_counter()
@@ -794,7 +803,7 @@ def ap_agreement(model, facts: FactSet, ap: TracingResult, n_components: int = 1
                                counter=counter)
     est = np.array([ap_component_value(ap, c) for c in comps])
     return dict(components=[str(c) for c in comps], ap=est.tolist(), patching=real.tolist(),
-                pearson=float(pearsonr(est, real)[0]), spearman=float(spearmanr(est, real)[0]),
+                pearson=_pearson(est, real), spearman=_pearson(_ranks(est), _ranks(real)),
                 max_abs_diff=float(np.abs(est - real).max()), passes=counter.as_dict(),
                 seconds=time.perf_counter() - t0)
 
@@ -1323,6 +1332,10 @@ def localization_metrics(task: str, locs: dict) -> dict:
     return out
 
 
+def _finite(x):
+    return float(x) if np.isfinite(x) else None
+
+
 def task_metrics(task: str, locs: dict, ap: TracingResult, ct: TracingResult, flu: FLUResult,
                  agreement: dict) -> dict:
     """Flat metrics of one task (notebook 02's metrics.json; keys documented there)."""
@@ -1334,7 +1347,8 @@ def task_metrics(task: str, locs: dict, ap: TracingResult, ct: TracingResult, fl
         f"{t}.ct.p_clean": ct.info["p_clean"], f"{t}.ct.p_corrupt": ct.info["p_corrupt"],
         f"{t}.ap.n_facts": ap.info["n_facts"],
         f"{t}.ap.ld_clean": ap.info["ld_clean"], f"{t}.ap.ld_corrupt": ap.info["ld_corrupt"],
-        f"{t}.ap.agreement.pearson": agreement["pearson"], f"{t}.ap.agreement.spearman": agreement["spearman"],
+        f"{t}.ap.agreement.pearson": _finite(agreement["pearson"]),
+        f"{t}.ap.agreement.spearman": _finite(agreement["spearman"]),
         f"{t}.ap.agreement.n_components": len(agreement["components"]),
         f"{t}.ap.agreement.components": agreement["components"],
         f"{t}.flu.threshold": flu.threshold, f"{t}.flu.hand_given": flu.hand_given,
@@ -1343,6 +1357,10 @@ def task_metrics(task: str, locs: dict, ap: TracingResult, ct: TracingResult, fl
         f"{t}.flu.mlp_effect": [] if flu.mlp_effect is None else np.asarray(flu.mlp_effect).tolist(),
         f"ratio_ct_over_ap.{t}.seconds": ct.seconds / ap.seconds,
         f"ratio_ct_over_ap.{t}.forward_sequences": ct.passes.forward_sequences / ap.passes.forward_sequences,
+        f"ratio_ct_over_ap.{t}.seconds_per_fact": (ct.seconds / ct.info["n_facts"])
+        / (ap.seconds / ap.info["n_facts"]),
+        f"ratio_ct_over_ap.{t}.forward_sequences_per_fact": (ct.passes.forward_sequences / ct.info["n_facts"])
+        / (ap.passes.forward_sequences / ap.info["n_facts"]),
     })
     for name, res in (("ct", ct), ("ap", ap)):
         ls = res.layer_scores()

@@ -264,8 +264,8 @@ def mask_eval(model, task, masks: dict[str, torch.Tensor], formats=("normal", "q
 
 def sweep_n(model, task, result: MaskResult, n_grid=DEFAULT_N_GRID, formats=("normal", "question"),
             progress: bool = True) -> pd.DataFrame:
-    """Evaluate the binarized mask at every N of `n_grid` that is at most the number of changed weights
-    (plus that number itself, the largest binarized edit). One row per N."""
+    """Evaluate the binarized mask at every N of `n_grid` below min(max(n_grid), number of weights the
+    mask changed), plus that minimum itself (the largest binarized edit). One row per N."""
     n_grid = sorted({int(n) for n in n_grid})
     if not n_grid or n_grid[0] < 1:
         raise MaskError(f"N values must be positive, got {n_grid} (N = 0 is the base model)")

@@ -333,26 +333,34 @@ for t in facts:
 pd.DataFrame(claims)
 
 # %% [markdown]
-# **What we see on gemma-3-270m (full run, 18 layers)**, reading the printed numbers:
+# **What we saw on gemma-3-270m** (full run: 48 facts per task for AP, 24 for FLU path patching,
+# 6 facts x 2 noise samples for CT; a SMOKE run prints different, noisier numbers):
 #
-# * **FLU lands in early/mid MLPs, as in the paper.** Path patching into the extraction layer
-#   (the lowest layer with a strong extraction head, layer 11-12 here) is dominated by **MLP 3**,
-#   with smaller contributions from a few MLPs up to layer ~9. The name-only probe reaches its
-#   plateau within the first few layers, so the sport is already readable at the name after the
-#   early MLPs: the same two-stage picture as the paper's Gemma/Llama models.
-# * **The extraction heads sit in layers 11-17** (heads 12.2, 15.3 above all); these are the
-#   heads notebook 01 finds attending from the final token to the subject.
-# * **OT methods do not cleanly separate to late layers here.** AP and CT both give weight to
-#   the extraction layers' attention (layers 11-17), which is the paper's point, but CT also
-#   scores MLP 3 highly (restoring it recovers much of the answer), and AP's MLP ranking mixes
-#   early and late layers. The parameter-matched AP / CT localizations therefore sit *later on
-#   average* than FLU but are not confined to the last third as in the paper's 7-9B models.
-#   A 270M model with 18 layers has less room for separate stages; we report it as observed.
-# * **AP's linear estimate is rough on this model**: the correlation with real activation
-#   patching (section 3) is moderate, and AP badly underestimates early MLPs (e.g. MLP 3), a
-#   known failure of attribution patching where activations saturate; CT does not have it.
-# * **Cost**: CT needs a pass per (fact, noise sample, component); AP three passes per batch.
-#   The ratio is in the metrics (and `scripts/bench_localization.py`).
+# * **FLU lands in early/mid MLPs, as in the paper.** Sports: MLPs 2, 3, 5, 7, 9 (MLP 3 carries
+#   by far the largest path-patching effect); CounterFact: MLPs 3, 5, 6, 9. Mean depth 0.31-0.34,
+#   close to the paper's Gemma-7B layers 2-7 in relative terms.
+# * **Probes: partly reproduced.** The name-only probe climbs from about 0.6 (layer 0) to 0.8
+#   by layer 3, so part of the sport is looked up from the name by the first MLPs, but it only
+#   saturates (0.97) at layer 12, the extraction layer. The paper's Gemma-7B name-only probe is
+#   near 0.97 already by layers 3-4; this small model spreads the lookup over more of its depth.
+# * **Extraction heads: 12.2 and 15.3** (then 12.1 and other layer-15 heads), the same on both
+#   tasks, and the same heads notebook 01 found by DLA and attention to the subject (its top
+#   candidates 12.2, 12.1, 15.3; its top last-subject-token MLPs 3, 2, 1).
+# * **OT localizations sit later than FLU, as in the paper, but through attention, not MLPs.**
+#   AP and CT train the attention of the extraction layers (11-12, 15; AP also 0-1 on sports), so
+#   their matrices sit later on average (mean depth 0.43-0.66 vs FLU 0.31-0.34). Their *MLP*
+#   picks are not late: CT scores MLPs 2-3 highly (restoring them brings the answer back), so
+#   CT-MLP nearly coincides with FLU on sports (2-3, 6-8 vs 2-3, 5, 7, 9); AP-MLP mixes early
+#   (0, 3) and late (9-17) MLPs. The paper's "OT MLPs in late layers" (Gemma-7B AP MLPs 21-27)
+#   does **not** reproduce cleanly on this 18-layer model: check `claims` above.
+# * **AP is a rough estimate of patching here.** Against real activation patching it correlates
+#   well on sports (Pearson r about 0.9 over 12 components) but poorly on CounterFact (about
+#   0.4), where it even gets the sign of MLP 3 wrong (+0.29 estimated, -0.85 real): the linear
+#   approximation fails on the early lookup MLP, so AP under-ranks exactly what FLU picks.
+# * **Cost**: CT needed 1098 forward sequences per task (a row per fact, noise sample and
+#   component, 91 components), AP 96 forward + 48 backward for 48 facts: per fact, CT runs about
+#   90x more forward sequences than AP (`ratio_ct_over_ap.*`; `scripts/bench_localization.py`
+#   compares CT, AP and probing on the same facts).
 
 # %% [markdown]
 # ## 11 · Metrics
@@ -381,7 +389,8 @@ pd.DataFrame(claims)
 # * `sports.probe.full_prompt`, `sports.probe.name_only` (accuracy per layer),
 #   `sports.probe.n_athletes`, `sports.probe.folds`, `sports.probe.seconds`,
 #   `sports.probe.forward_passes`, `sports.probe.forward_sequences`
-# * `ratio_ct_over_ap.<task>.seconds` / `.forward_sequences`, `tl_vs_nnsight.ap_max_abs_diff`
+# * `ratio_ct_over_ap.<task>.seconds` / `.forward_sequences` (as run: CT on fewer facts) and
+#   `.seconds_per_fact` / `.forward_sequences_per_fact`, `tl_vs_nnsight.ap_max_abs_diff`
 #   (largest AP score difference between the TL, nnsight and plain-hook paths),
 #   `sports.flu.shares_head_with_01` (only when notebook 01's metrics exist), `n_layers`,
 #   `seconds_total`

@@ -12,11 +12,10 @@ passes per batch whatever the number of components. A benchmark, not a timed tes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
+from _bench import machine, report
 
 
 def timed(fn):
@@ -53,9 +52,7 @@ def main(argv=None) -> dict:
         model.nn
     lz.run_sites(model, facts.batch(torch.arange(2)), backend=args.backend)  # warm-up
     res: dict = dict(model=args.model, n_facts=len(facts), tokens=int(facts.input_ids.shape[1]),
-                     backend=args.backend, threads=torch.get_num_threads(), cpu=platform.processor(),
-                     components=dict(ct=model.n_layers * (model.n_heads + 1),
-                                     ap=len(lz.AP_KINDS) * model.n_layers))
+                     backend=args.backend, **machine())
 
     ct, w, c = timed(lambda: lz.causal_tracing(model, facts, n_samples=args.noise_samples,
                                                batch_size=args.batch_size, backend=args.backend))
@@ -63,6 +60,8 @@ def main(argv=None) -> dict:
     apr, w, c = timed(lambda: lz.attribution_patching(model, facts, batch_size=args.batch_size,
                                                       backend=args.backend))
     res["ap"] = dict(wall_s=w, cpu_s=c, **apr.passes.as_dict())
+    res["components_scored"] = dict(ct=sum(v.size for v in ct.scores.values()),
+                                    ap=sum(v.size for v in apr.scores.values()))
 
     def probing():
         counter = lz.PassCounter()
@@ -80,11 +79,7 @@ def main(argv=None) -> dict:
     res["ratio_ct_over_ap"] = dict(
         wall=res["ct"]["wall_s"] / res["ap"]["wall_s"], cpu=res["ct"]["cpu_s"] / res["ap"]["cpu_s"],
         forward_sequences=res["ct"]["forward_sequences"] / res["ap"]["forward_sequences"])
-    print(json.dumps(res, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    return res
+    return report(res, args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import types
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -331,6 +330,8 @@ def test_missing_edit_names_notebook_03(tmp_path):
         A.edit_path(tmp_path, "athletes_to_sport", "flu")
     with pytest.raises(MissingResultsError, match="03_editing_and_unlearning"):
         A.find_edits(tmp_path, ["athletes_to_sport"])
+    with pytest.raises(A.AttackError, match="sports tasks"):
+        A.find_edits(tmp_path, ["counterfact"])
     d = A.edits_dir(tmp_path, "athletes_to_sport")
     d.mkdir(parents=True)
     for m in ("ap", "flu"):
@@ -358,6 +359,12 @@ def test_recovery_table_and_plots():
     assert table.loc[("t", "ap"), "soft_prompt"] == pytest.approx(0.9)
     assert list(table.index.get_level_values("method")) == ["flu", "ap"]
     assert A.plot_recovery(table) is not None
+    v = A.attack_verdicts(rec).set_index("attack")
+    assert v.loc["soft_prompt", "verdict"] == "reproduced"  # FLU .3 vs AP .9
+    assert v.loc["quant_int8", "verdict"] == "not reproduced"  # FLU .1 vs AP .0
+    assert "FLU 0.300 vs ap 0.900" in v.loc["soft_prompt", "numbers"]
+    missing = A.attack_verdicts(rec[rec.method != "ap"])
+    assert set(missing.verdict) == {"not measured"}
     res = {("t", "flu", "lora"): A.RelearnResult([0, 1], [0.1, 0.2], [0.1, 0.5], {})}
     curves = A.relearn_curve_frame(res)
     assert list(curves.forget_p_true) == [0.1, 0.2]

@@ -38,3 +38,26 @@ def test_bad_template_is_rejected(tmp_path, capsys):
     csv.write_text("athlete,sport\nMichael Jordan,basketball\n")
     assert main(["recall", "--model", "tiny-random", "--facts", str(csv), "--template", "no slot"]) == 2
     assert "{athlete}" in capsys.readouterr().err
+
+
+def test_recall_with_an_edit_reports_the_edited_model(tmp_path, capsys):
+    """--edit applies a saved edit first (a scaled late MLP changes the numbers); a missing one is a clear error."""
+    import torch
+
+    from mechunlearn_utils import load_model
+    from mechunlearn_utils.edit import save_edit
+
+    csv = tmp_path / "a.csv"
+    csv.write_text("athlete,sport\nMichael Jordan,basketball\nBabe Ruth,baseball\nTom Brady,football\n")
+    assert main(["recall", "--model", "tiny-random", "--facts", str(csv)]) == 0
+    base = json.loads(capsys.readouterr().out)
+    model = load_model("tiny-random", "cpu")
+    name = next(n for n in model.named_parameters() if n.endswith("layers.1.mlp.down_proj.weight"))
+    with torch.no_grad():
+        model.named_parameters()[name].mul_(-25.0)
+    path = save_edit(model, [name], tmp_path / "edit", {"method": "test"})
+    assert main(["recall", "--model", "tiny-random", "--facts", str(csv), "--edit", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["edit"] == str(path) and out["mean_p_norm"] != pytest.approx(base["mean_p_norm"], abs=1e-4)
+    assert main(["recall", "--model", "tiny-random", "--facts", str(csv), "--edit", str(tmp_path / "none")]) == 2
+    assert "03_editing_and_unlearning" in capsys.readouterr().err

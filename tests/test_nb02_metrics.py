@@ -63,6 +63,7 @@ def test_costs_ap_is_constant_passes_ct_is_per_component(m):
         components = rows - 1
         assert components == int(components) and components % L == 0 and components // L >= 2
         assert m[f"ratio_ct_over_ap.{t}.forward_sequences"] > 1
+        assert m[f"ratio_ct_over_ap.{t}.forward_sequences_per_fact"] > 10  # CT: a row per component
         assert m[f"{t}.ct.seconds"] > 0 and m[f"{t}.ap.seconds"] > 0
         assert m[f"{t}.random.forward_passes"] == 0  # baselines cost nothing
 

@@ -1,0 +1,209 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Probing latent knowledge: is the old fact still inside the edited model?
+#
+# An edit can make the model *say* "Michael Jordan plays golf" while the residual stream still
+# carries "basketball" in the middle layers, only rerouted before the output. The paper tests this
+# with **linear probes** (its Figure 4):
+#
+# 1. On the **base** model, train one logistic-regression probe per layer to read an athlete's
+#    sport from the residual stream, on athletes no edit touched (maintain athletes).
+# 2. Apply those probes, unchanged, to the residual stream of every **edited** model (notebook 03)
+#    on the edited athletes, and score them against the **true** sport and the **injected** one.
+#
+# If the true sport stays decodable in the middle layers, the knowledge is latent (the paper finds
+# this after AP edits: 1.00 at the middle layer); if the probe reads the injected sport, the edit
+# changed the representation itself (after FLU edits: 0.87 injected, 0.03 true at the middle layer).
+#
+# We probe two positions: the **last subject token** (where the fact-lookup MLPs write the
+# attribute) and the **final token** (where the extraction stage moves it for the answer).
+
+# %% tags=["parameters"]
+MODEL = "gemma-3-270m"
+DEVICE = "auto"
+SEED = 0
+SMOKE = False
+RESULTS_DIR = ""  # "" -> <repo>/results
+TASKS = ["athletes_to_sport", "sport_to_golf"]  # sports tasks whose edits notebook 03 saved
+METHODS = []  # [] -> every method notebook 03 saved an edit for
+PROBE_C = 0.1  # inverse L2 strength of the logistic-regression probes
+BATCH_SIZE = 32
+
+# %% [markdown]
+# Imports, seeding, and where results go. SMOKE keeps to the one task notebook 03's smoke run edits.
+
+# %%
+import time
+
+import pandas as pd
+
+from mechunlearn_utils import load_model
+from mechunlearn_utils.latent import (edit_paths, flat_metrics, latent_curves, plot_latent_curves, probe_table,
+                                      probe_widget, summary, task_from_edit)
+from mechunlearn_utils.notebook import known_athletes, known_facts, start
+from mechunlearn_utils.results import save_figure, write_metrics
+
+STEM = "04_probing_latent_knowledge"
+t_start = time.perf_counter()
+RESULTS_DIR = start(SEED, RESULTS_DIR)
+if SMOKE:
+    TASKS = ["athletes_to_sport"]
+
+# %% [markdown]
+# ## 1 · Model, athletes, and the edits notebook 03 saved
+# Each edit is stored as only its changed matrices; we put it on the base model, read the
+# residual stream, and take it off again. The task (which athletes were edited, to what) is rebuilt
+# from the metadata saved with the edits, so the split is exactly notebook 03's. A missing edit
+# raises an error that says to run notebook 03.
+
+# %%
+model = load_model(MODEL, DEVICE)
+athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
+paths = {name: edit_paths(RESULTS_DIR, name, METHODS or None) for name in TASKS}
+tasks = {name: task_from_edit(p, athletes, facts) for name, p in paths.items()}
+for name, task in tasks.items():
+    print(task.describe(), "| edited models:", ", ".join(paths[name]))
+
+# %% [markdown]
+# Who is probed, and who trains the probes. The probed athletes are each task's evaluation forget
+# set (for `sport_to_golf`, the held-out half the edit never trained on). The probes train on every
+# *other* known athlete, on the base model. For `sport_to_golf` every athlete of the forgotten sport
+# is "forget", so the probe learns that sport from the trained half; and since no athlete in the
+# data plays golf, a 3-way probe cannot read "golf": that task has true-label curves only.
+
+# %%
+pd.DataFrame({name: {"probed": len(t.eval_forget), "probe training": len(athletes) - len(t.eval_forget),
+                     "injected labels": ", ".join(sorted(set(t.eval_forget.target)))}
+              for name, t in tasks.items()}).T
+
+# %% [markdown]
+# ## 2 · Probes on the base model, applied to every edited model
+# One batched forward per batch of prompts gives the residual stream after every block at both
+# positions (`output_hidden_states`; the activations of the base model are read once). Every edit
+# is checked to change the probed residual stream, and the base model to come back exactly.
+
+# %%
+results = {name: latent_curves(model, task, athletes, paths[name], C=PROBE_C, seed=SEED,
+                               batch_size=BATCH_SIZE) for name, task in tasks.items()}
+for name, res in results.items():
+    print(f"{name}: relative change of the final-token residual at the last layer "
+          + ", ".join(f"{m} {v[-1]:.3f} (from layer {res.first_layer[m]})" for m, v in res.change.items())
+          + f"; base restored exactly: {res.restore_max_abs_diff == 0.0}")
+
+# %% [markdown]
+# ## 3 · The paper's Figure 4: probe accuracy by layer, one line per method
+# Columns: accuracy against the **true** sport and against the **injected** one. Rows: the last
+# subject token and the final token. `base` is the unedited model on the same athletes (the probe's
+# own held-out accuracy). The dotted line is chance (1/3).
+
+# %%
+for name, res in results.items():
+    fig = plot_latent_curves(res.curves, title=f"{MODEL}: {name}", chance=1 / 3)
+    save_figure(fig, RESULTS_DIR, STEM, f"probe_curves_{name}")
+
+# %% [markdown]
+# The same in numbers: accuracy at the middle layer (the paper's headline number), averaged over
+# the back half of the layers, and the best layer.
+
+# %%
+mid = model.n_layers // 2
+table = pd.concat({name: summary(res.curves, model.n_layers) for name, res in results.items()}, names=["task"])
+print(f"middle layer = {mid} of 0..{model.n_layers - 1}")
+table.round(2).unstack("label")
+
+# %% [markdown]
+# ## 4 · What it shows
+# We print, for every task and method, how much of the true and the injected sport a base-model
+# probe reads at the middle layer at the subject position, next to the paper's numbers
+# (Gemma-7B class models: FLU edits 0.87 injected / 0.03 true; AP edits 1.00 true).
+
+# %%
+def finding(name, method, pos="subject"):
+    s = table.loc[name]
+    true = s.loc[(method, pos, "true"), "mid"]
+    edit = s.loc[(method, pos, "edit"), "mid"] if (method, pos, "edit") in s.index else float("nan")
+    return f"[{name}] {method:>12}: true {true:.2f}, injected {edit:.2f} (mid layer, {pos} token)"
+
+
+for name, res in results.items():
+    for method in res.features:
+        print(finding(name, method))
+
+# %% [markdown]
+# How to read the lines: a method whose **true** accuracy at the subject token stays near the
+# `base` line changed only the extraction of the fact, not its lookup; a method whose probe reads
+# the **injected** sport there rewrote the representation the lookup MLPs produce. No edit can
+# change the residual stream below its lowest trained layer (checked: `resid_change_by_layer` is 0
+# there), so its curves equal the base curves up to that layer.
+#
+# **What we measured on gemma-3-270m** (full mode, athletes_to_sport, 16 athletes; notebook 03 run
+# with 20 steps, lr 1e-4, no sweep; probes trained on the other 208 known athletes; middle layer 9
+# of 0..17, subject token). The base-model probe reads the true sport of the held-out athletes at
+# 0.81 (0.85 over the back half), the injected one at 0.12.
+#
+# | edit | first trained layer | true (mid) | injected (mid) | true, back half | injected, back half |
+# |---|---|---|---|---|---|
+# | FLU | 2 | **0.00** | **0.94** | 0.01 | 0.97 |
+# | AP | 0 | 0.12 | 0.88 | 0.04 | 0.96 |
+# | CT | 3 | 0.19 | 0.69 | 0.10 | 0.85 |
+# | random | 0 | 0.12 | 0.88 | 0.03 | 0.94 |
+#
+# The FLU result reproduces the paper (0.87 injected / 0.03 true at the middle layer): the edit
+# rewrote the subject representation from layer 3 on. The AP result does **not**: on this model
+# notebook 02's AP localization includes layers 0, 1 and 3 (the paper's landed in late layers,
+# e.g. Gemma-7B MLPs 21-27), so it also edits the lookup, and the true sport is gone by layer 3
+# (the paper: 1.00 at the middle layer). CT, whose lowest layer is 3, keeps the true sport longest
+# (0.62 at layer 3, 0.44 at layers 4-5) and its injected sport reaches only 0.69 at the middle
+# layer (1.00 from layer 13). So on gemma-3-270m the probe separates methods by *how early* they
+# train, which is what the paper's mechanism predicts, but the OT localizations here are not late.
+
+# %% [markdown]
+# ## 5 · Explore: what the probe reads for each athlete
+# Pick a task, an edited model, a position and a layer: the table shows, per edited athlete, the
+# true and injected sport and what the base-trained probe reads (with its confidence). Below, the
+# static default (first task, FLU if it was edited, subject token, middle layer).
+
+# %%
+first = next(iter(results.values()))
+demo_method = "flu" if "flu" in first.features else list(first.features)[-1]
+display(probe_table(first, demo_method, "subject", mid))
+probe_widget(results)
+
+# %% [markdown]
+# ## 6 · Metrics
+# `RESULTS_DIR/04_probing_latent_knowledge/metrics.json` keys, for each `<task>` and `<method>`
+# (every edited model, plus `base`, the unedited model), `<pos>` in `final` / `subject`:
+#
+# * `<task>.<method>.<pos>.true_acc_by_layer` / `.edit_acc_by_layer`: probe accuracy per layer
+#   (list of n_layers) against the true / the injected sport (`edit_*` absent for sport_to_golf:
+#   the probes cannot output golf);
+# * `<task>.<method>.<pos>.true_acc.mid` / `.back_half` / `.max` (and `edit_acc.*`): the middle
+#   layer (n_layers // 2), the mean over layers >= the middle, the best layer;
+# * `<task>.<method>.resid_change_by_layer` / `.resid_change`: relative change of the final-token
+#   residual per layer / at the last layer (0 below the edit's lowest trained layer
+#   `<task>.<method>.first_edited_layer`, > 0 from it on), `<task>.restore_max_abs_diff` (0: the base
+#   model came back),
+#   `<task>.n_probed`, `<task>.methods`;
+# * `model`, `seed`, `smoke`, `n_layers`, `mid_layer`, `tasks`, `seconds_total`.
+
+# %%
+metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "n_layers": model.n_layers, "mid_layer": mid,
+           "tasks": list(results)}
+for res in results.values():
+    metrics.update(flat_metrics(res, model.n_layers))
+metrics["seconds_total"] = time.perf_counter() - t_start
+write_metrics(RESULTS_DIR, STEM, metrics)

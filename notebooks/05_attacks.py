@@ -1,0 +1,398 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Attacks: does the forgotten fact come back?
+#
+# An edit that sets "Michael Jordan plays the sport of" to *baseball* may only have changed one
+# road to the answer. The paper attacks every edited model and asks how much of the **true**
+# answer returns:
+#
+# * **Relearning**: fine-tune on the true answers of *half* the forgotten athletes; does the
+#   *other* half come back too? (LoRA and full fine-tuning; also the paper's earlier 2-athlete
+#   variant.) If the old fact still sits in the weights, a little training on related facts
+#   reconnects it.
+# * **Soft prompt**: learn a few input vectors that make the model say the true sport on one half,
+#   then test them on the other half.
+# * **Other formats**: question, multiple choice and three phrasings no edit trained on.
+#
+# and, beyond the paper:
+#
+# * **Quantization** (*Catastrophic Failure of LLM Unlearning via Quantization*, 2025): rounding
+#   the weights to int8 / int4 may round a small edit away.
+# * **Other languages** (*Layer-Targeted Multilingual Knowledge Erasure*, 2026): ask in French,
+#   German, Spanish.
+#
+# Throughout, **forget p(true)** is the probability of the true sport normalized over
+# basketball / baseball / football / golf (lower = the edit holds; the base model is high).
+# The paper's claim: FLU edits (fact-lookup MLPs) resist relearning better than output-tracing
+# localizations (AP, CT).
+
+# %% tags=["parameters"]
+MODEL = "gemma-3-270m"
+DEVICE = "auto"
+SEED = 0
+SMOKE = False
+RESULTS_DIR = ""  # "" -> <repo>/results
+TASKS = ["athletes_to_sport"]  # sports tasks notebook 03 edited (sport_to_golf, unlearn_sport also work)
+METHODS = ["flu", "ap", "ct", "random"]  # [] -> every saved edit; the paper also has all_mlps, nonlocalized
+RELEARN_STEPS = 20  # LoRA, evaluated at 0, RELEARN_STEPS // 2, RELEARN_STEPS: the paper's 0, 10, 20
+RELEARN_MODES = ["lora", "full"]
+FULL_STEPS = 10  # full fine-tuning costs more per step; evaluated at 0, 5, 10
+LORA_RANK = 64  # the paper: 512 on 3072-4096-wide models; gemma-3-270m is 640 wide
+LORA_ALPHA = 32
+LORA_LR = 2e-4  # the paper's
+FULL_LR = 3e-6  # full fine-tuning of every decoder weight; 2e-5 already diverges in one step
+EARLY_STEPS = 10  # the paper's earlier variant: 2 athletes, 10 steps, rank 64, lr 1e-4
+EARLY_LR = 1e-4
+SOFT_PROMPT_TOKENS = 15
+SOFT_PROMPT_BOUND = 6.0  # per vector, raw embedding units (a token's raw norm is about 1)
+SOFT_PROMPT_LR = 1e-2
+SOFT_PROMPT_STEPS = 16  # the paper: 128 at lr 1e-5; at lr 1e-2 the training loss is near 0 by 16
+RESTARTS = 1  # the paper: 4
+QUANT = ["int8", "int4", "int8_all"]  # see attacks.parse_quant; suffix _all: every linear weight
+LANGUAGES = ["fr", "de", "es"]
+LANG_BASE_PER_SPORT = 20  # known athletes per sport for the base model's recall per language
+THREADS = 0  # torch CPU threads; 0 = automatic, 1 when the machine is busier than its cores
+
+# %% [markdown]
+# Imports and setup: seed every random generator, choose the CPU threads, and shrink everything
+# in SMOKE mode (one step per attack, the methods the SMOKE run of notebook 03 edited).
+
+# %%
+import os
+import time
+
+import pandas as pd
+import seaborn as sns
+
+from mechunlearn_utils import attacks as A
+from mechunlearn_utils import load_model
+from mechunlearn_utils.data import load_general_text
+from mechunlearn_utils.notebook import known_athletes, start
+from mechunlearn_utils.results import load_paper_results, metrics_long, save_figure, side_by_side, write_metrics
+from mechunlearn_utils.tasks import make_task
+
+STEM = "05_attacks"
+t_start, seconds = time.perf_counter(), {}
+# On a shared machine two threads per process fight for the cores and run several times slower.
+threads = THREADS or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else None)
+RESULTS_DIR = start(SEED, RESULTS_DIR, threads=threads)
+if SMOKE:
+    METHODS, RELEARN_STEPS, FULL_STEPS, EARLY_STEPS, SOFT_PROMPT_STEPS, RESTARTS = [], 1, 1, 1, 3, 1
+    QUANT, LANG_BASE_PER_SPORT = ["int8", "int4"], 4
+
+# %% [markdown]
+# ## 1 · The model and the edited models of notebook 03
+# Notebook 03 saved every edit as the changed matrices only. We rebuild each task from the
+# edit's own record (same seed, same size), so the forget athletes are exactly the edited ones.
+# A missing edit raises an error naming the notebook to run.
+
+# %%
+model = load_model(MODEL, DEVICE)
+athletes = known_athletes(RESULTS_DIR)
+edits = A.find_edits(RESULTS_DIR, TASKS, METHODS)
+tasks = {t: make_task(t, athletes=athletes, **A.task_kwargs(A.edit_info(RESULTS_DIR, t, m))) for t, m in edits}
+train_text = load_general_text()[:64]
+print({t: task.describe() for t, task in tasks.items()})
+print("edited models:", sorted(edits))
+
+# %% [markdown]
+# Each task's forget athletes are split in two halves (fixed by `SEED`): relearning and the soft
+# prompt train on the first and are scored on the **held-out** second half.
+
+# %%
+halves = {t: A.split_forget(task.eval_forget, SEED) for t, task in tasks.items()}
+pd.DataFrame({t: {"attack-train half": ", ".join(a.athlete), "held-out half": ", ".join(b.athlete)}
+              for t, (a, b) in halves.items()}).T
+
+# %% [markdown]
+# ## 2 · Where each edited model starts
+# Forget p(true) on all forget athletes and on the held-out half, before any attack (notebook
+# 03 reports the maintain side). Every attack below is compared with these numbers.
+
+# %%
+def after_edit(t, m):
+    p = A.athlete_p_true(model, tasks[t].eval_forget)
+    return {"forget": p.mean(), "heldout": p[halves[t][1].athlete].mean()}
+
+
+start_rows = A.over_edits(model, edits, after_edit, include_base=True, desc="edited models")
+table = lambda rows: pd.DataFrame(rows).T.rename_axis(["task", "method"])  # noqa: E731
+start_table = table(start_rows)
+start_table.round(3)
+
+# %% [markdown]
+# ## 3 · Base-model recall in each language, first
+# A low forget p(true) in French means nothing if the base model cannot answer in French. So we
+# first measure the **unedited** model on known athletes (`LANG_BASE_PER_SPORT` per sport), per
+# language, with the one-shot templates of `data/multilingual_templates.csv` (answers as the
+# model says them; an answer of several tokens, e.g. *football américain*, is scored by its
+# first token).
+
+# %%
+templates = A.load_language_templates()
+t0 = time.perf_counter()
+sample = athletes.groupby("sport").head(LANG_BASE_PER_SPORT)
+lang_base = {lang: A.language_p_true(model, templates, lang, sample) for lang in LANGUAGES}
+lang_base["en (normal)"] = A.sports_p_true(model, sample)
+seconds["lang_base"] = time.perf_counter() - t0
+display(templates.loc[LANGUAGES, ["template", *A.SPORT_COLUMNS]])
+pd.DataFrame(lang_base).T.round(3)
+
+# %% [markdown]
+# ## 4 · Relearning
+# Fine-tune each edited model on the true sports of the attack-train half (+ maintain athletes
+# + general text, as in the paper) and score the held-out half at step 0, the middle and the
+# end. **LoRA** (peft) on every linear layer of the decoder (rank `LORA_RANK`: the paper's 512
+# would be nearly full rank on this 640-wide model) and **full** fine-tuning of every decoder
+# weight; the adapter is removed and the weights restored exactly after each run. The paper's
+# earlier variant trains on only **2** athletes for `EARLY_STEPS` steps.
+
+# %%
+settings = {"lora": dict(steps=RELEARN_STEPS, lr=LORA_LR), "full": dict(steps=FULL_STEPS, lr=FULL_LR)}
+variants = {f"relearn_{mode}": A.RelearnConfig(mode=mode, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, seed=SEED,
+                                               **settings[mode]) for mode in RELEARN_MODES}
+variants["relearn_2ath"] = A.RelearnConfig(mode="lora", steps=EARLY_STEPS, eval_steps=(0, EARLY_STEPS), n_train=2,
+                                           lora_rank=64, lora_alpha=LORA_ALPHA, lr=EARLY_LR, seed=SEED)
+
+
+def relearn_with(cfg):
+    def run(t, m):
+        train, heldout = halves[t]
+        return A.relearn(model, train, heldout, tasks[t].train_maintain, train_text, cfg, progress=False)
+    return run
+
+
+# %% [markdown]
+# Run every variant on every edited model (the longest part of the notebook).
+
+# %%
+t0 = time.perf_counter()
+relearned = {(t, m, v): r for v, cfg in variants.items()
+             for (t, m), r in A.over_edits(model, edits, relearn_with(cfg), desc=v).items()}
+seconds["relearn"] = time.perf_counter() - t0
+curves = A.relearn_curve_frame(relearned)
+curves.pivot_table(index=["task", "method"], columns=["variant", "step"], values="forget_p_true").round(3)
+
+# %% [markdown]
+# Held-out forget p(true) along relearning, one line per method (lower = more robust). The
+# paper's athletes table after 10 / 20 LoRA steps: FLU .26 / .20, AP .74 / .82, CT .35 / .47.
+
+# %%
+fig = A.plot_relearn_curves(curves, title=f"{MODEL}: relearning on half the forget set")
+save_figure(fig, RESULTS_DIR, STEM, "relearn_curves")
+
+# %% [markdown]
+# ## 5 · Soft-prompt attack
+# `SOFT_PROMPT_TOKENS` vectors inserted after BOS, trained with Adam to make the model give the
+# true sport of the attack-train half; after every step each vector is projected back to norm
+# <= `SOFT_PROMPT_BOUND`.
+#
+# *Which scale does the bound refer to?* Gemma multiplies token embeddings by sqrt(d_model)
+# (25.3 here). Hugging Face's Gemma / Gemma-2 models apply that factor to `inputs_embeds` inside
+# the model, so a bound on soft-prompt vectors passed as `inputs_embeds` there is on the raw
+# embedding scale. Gemma-3's implementation applies it in the embedding layer instead, so its
+# `inputs_embeds` are **not** scaled: we keep the vectors in raw units and multiply them by the
+# scale ourselves, so the bound keeps that meaning (a raw token embedding of gemma-3-270m has
+# norm about 1.0, so 6 is six token norms). We could not check which convention the paper's code
+# used; with the other one (a bound after scaling) set `SOFT_PROMPT_BOUND = 6 / 25.3`.
+# The paper: 15 vectors, bound 6, lr 1e-5, 128 steps, 4 restarts; we take
+# fewer steps with a larger lr to fit a CPU budget. The best restart is chosen on the
+# attack-train half's loss, never on the held-out half.
+
+# %%
+sp_cfg = A.SoftPromptConfig(n_tokens=SOFT_PROMPT_TOKENS, norm_bound=SOFT_PROMPT_BOUND, lr=SOFT_PROMPT_LR,
+                            steps=SOFT_PROMPT_STEPS, restarts=RESTARTS, seed=SEED)
+
+
+def soft_prompt(t, m):
+    train, heldout = halves[t]
+    sp = A.train_soft_prompt(model, train, sp_cfg, progress=False)
+    return {"forget_p_true": A.sports_p_true(model, heldout, soft=sp.vectors)["p"],
+            "train_p_true": A.sports_p_true(model, train, soft=sp.vectors)["p"], "train_loss": sp.train_loss}
+
+
+t0 = time.perf_counter()
+soft = A.over_edits(model, edits, soft_prompt, include_base=False, desc="soft prompts")
+seconds["soft_prompt"] = time.perf_counter() - t0
+table(soft).join(start_table.heldout.rename("heldout, no attack")).round(3)
+
+# %% [markdown]
+# ## 6 · Formats the edit never trained on
+# The edits trained on "Fact: X plays the sport of". Here: the question and multiple-choice
+# formats of the evaluation suite and `prompts.SPORT_PARAPHRASE_TEMPLATES`, on every forget
+# athlete (the base model is the reference row; MCQ is near chance on a 270M model, see 00).
+
+# %%
+t0 = time.perf_counter()
+formats = A.over_edits(model, edits, lambda t, m: A.formats_p_true(model, tasks[t].eval_forget),
+                       include_base=True, desc="formats")
+seconds["formats"] = time.perf_counter() - t0
+table(formats).join(start_table.forget.rename("normal")).round(3)
+
+# %% [markdown]
+# ## 7 · Quantization
+# Round-trip weights through symmetric per-output-row int8 / int4 and ask again. `int8`, `int4`
+# quantize only the matrices the edit changed; `int8_all` every linear weight of the decoder.
+# If an edit is smaller than half a quantization step, rounding maps the edited and the
+# original weight to the same code and the edit disappears. The base model quantized the same
+# way (same matrices) is the reference: int4 is coarse enough to hurt recall on its own.
+
+# %%
+def quant(t, m):
+    names = None if m == "base" else A.edit_info(RESULTS_DIR, t, m)["param_names"]
+    return A.quant_attack(model, tasks[t].eval_forget, [q for q in QUANT if m != "base" or q.endswith("_all")], names)
+
+
+t0 = time.perf_counter()
+quants = A.over_edits(model, edits, quant, include_base=True, desc="quantization")
+base_quant = {(t, m): A.quant_attack(model, tasks[t].eval_forget, [q for q in QUANT if not q.endswith("_all")],
+                                     A.edit_info(RESULTS_DIR, t, m)["param_names"]) for t, m in edits}
+seconds["quant"] = time.perf_counter() - t0
+table(quants).join(table(base_quant).add_prefix("base model, ")).round(3)
+
+# %% [markdown]
+# How much of each edit survives rounding: among the weights the edit changed, the fraction whose
+# quantized code equals the base model's (the edit is rounded away), and the mean edit size in
+# quantization steps.
+
+# %%
+survival = {}
+for (t, m), path in edits.items():
+    base_w, edit_w = A.edit_weights(model, path)
+    for q in [q for q in QUANT if not q.endswith("_all")]:
+        bits, group, _ = A.parse_quant(q)
+        survival[t, m, q] = A.edit_survival(base_w, edit_w, bits, group)
+pd.DataFrame(survival).T.round(3)
+
+# %% [markdown]
+# ## 8 · Other languages
+# The edits trained only on English prompts. Forget p(true) per language on every forget
+# athlete; compare with the base row (section 3 measured the base on all athletes).
+
+# %%
+t0 = time.perf_counter()
+langs = A.over_edits(model, edits, lambda t, m: A.languages_p_true(model, templates, LANGUAGES, tasks[t].eval_forget),
+                     include_base=True, desc="languages")
+seconds["languages"] = time.perf_counter() - t0
+lang_table = table(langs).join(start_table.forget.rename("en (normal)"))
+lang_table.round(3)
+
+# %% [markdown]
+# The same as a plot: a method whose bars stay low in every language erased the fact across
+# languages; bars near the base model's mean the edit only holds in English.
+
+# %%
+frame = lang_table.reset_index().melt(id_vars=["task", "method"], var_name="language", value_name="forget p(true)")
+grid = sns.catplot(frame, x="language", y="forget p(true)", hue="method", col="task", kind="bar", height=3.2, aspect=1.6)
+grid.set(ylim=(0, 1))
+save_figure(grid.figure, RESULTS_DIR, STEM, "languages")
+
+# %% [markdown]
+# ## 9 · Summary: how much forgotten knowledge each attack recovers
+# Forget p(true) after the attack minus after the edit, on the same athletes (held-out half for
+# relearning and the soft prompt, every forget athlete otherwise). Positive = the fact came
+# back; the base model's own number under each attack bounds what can come back.
+
+# %%
+records = [dict(task=t, method=m, attack=v, p_attack=r.forget_p_true[-1], p_edit=r.forget_p_true[0])
+           for (t, m, v), r in relearned.items()]
+records += A.attack_records({k: {"soft_prompt": v["forget_p_true"]} for k, v in soft.items()}, start_table.heldout)
+for prefix, res in (("format.", formats), ("quant_", quants), ("lang.", langs)):
+    records += A.attack_records(res, start_table.forget, prefix)
+recovery = A.recovery_table(pd.DataFrame(records))
+fig = A.plot_recovery(recovery, title=f"{MODEL}: forget p(true) recovered by each attack")
+save_figure(fig, RESULTS_DIR, STEM, "recovery")
+recovery.round(3)
+
+# %% [markdown]
+# ## 10 · Side by side with the paper
+# The paper's athletes table (16/64 athletes -> another sport, Gemma-7B / Gemma-2-9B /
+# Llama-3-8B): normal-format forget p(true) after 10 / 20 relearning steps and after the soft
+# prompt. Ours: LoRA relearning at the middle / last step, and the soft prompt, held-out half.
+
+# %%
+ours = {f"{t}.{m}.{k}": v for (t, m, var), r in relearned.items() if var == "relearn_lora"
+        for k, v in (("relearn10.normal.p_true", r.forget_p_true[len(r.steps) // 2]),
+                     ("relearn20.normal.p_true", r.forget_p_true[-1]))}
+ours.update({f"{t}.{m}.soft_prompt.p_true": v["forget_p_true"] for (t, m), v in soft.items()})
+paper_table = side_by_side(metrics_long(ours), load_paper_results())
+paper_table.pivot_table(index="method", columns="measure", values=["ours", "paper"]).round(3) if len(paper_table) else paper_table
+
+# %% [markdown]
+# In words: for every attack, does FLU's edit hold better than AP's and CT's (lower forget
+# p(true) after the attack, by at least 0.05; the rule notebook 07 uses)? Other methods are
+# listed for context.
+
+# %%
+verdicts = A.attack_verdicts(pd.DataFrame(records))
+with pd.option_context("display.max_colwidth", 200):
+    display(verdicts)
+
+# %% [markdown]
+# **Reading the numbers.** The paper's robustness ordering (FLU recovers least under relearning,
+# AP most) comes from 7-9B models whose edits train 50 steps on 16-64 athletes. On gemma-3-270m
+# with the smaller budgets here, compare the held-out curves above and the recovery table: where
+# FLU's curve sits below AP's and CT's the claim reproduces; the printed verdict says which. The
+# soft prompt is trained on only half the forget set, so it can only generalize through what
+# the athletes share (their sport labels). Quantization recovers an edit only when the edit is
+# smaller than a quantization step (the survival table says how small each edit is). The
+# language rows must be read against the base row: the edit trained in English only.
+
+# %% [markdown]
+# ## 11 · Metrics
+# `RESULTS_DIR/05_attacks/metrics.json` (flat; `<t>` a task, `<m>` a method, `base` the unedited model):
+#
+# * `<t>.<m|base>.edit.forget_p_true`, `.edit.heldout_p_true`: after the edit, no attack
+# * `<t>.<m>.relearn_lora.forget_p_true_by_step` (list; also `relearn_full`, `relearn_2ath`), with
+#   `.steps` (the steps), `.train_p_true_by_step` (the attack-train half), `.seconds`
+# * `<t>.<m>.relearn10.normal.p_true` / `relearn20.normal.p_true` (LoRA, middle / last step) and
+#   `<t>.<m>.soft_prompt.p_true`: the paper's measure names (`data/paper_results.csv`)
+# * `<t>.<m>.soft_prompt.forget_p_true` (held-out half), `.soft_prompt.train_p_true`, `.soft_prompt.train_loss`
+# * `<t>.<m|base>.format.<question|mcq|para1|para2|para3>.forget_p_true`
+# * `<t>.<m|base>.quant_<setting>.forget_p_true` (`int8`, `int4`: edited matrices; `int8_all`: every
+#   linear weight), `<t>.<m>.quant_<setting>.base_p_true` (the base with the same matrices
+#   quantized), `<t>.<m>.quant_<setting>.erased_frac` / `.edit_in_steps`
+# * `<t>.<m|base>.lang.<fr|de|es>.forget_p_true`; `base.lang.<lang>.accuracy` / `.p_true` / `.n`
+#   (the base model on `LANG_BASE_PER_SPORT` known athletes per sport)
+# * `<t>.<m>.recovered.<attack>`: after attack minus after edit (the summary table)
+# * `verdict.<attack>.<t>`: "reproduced" / "mixed" / "not reproduced" / "not measured": does FLU's
+#   edit hold better than AP's and CT's under that attack (section 10)
+# * `seconds.<section>`, `seconds_total`, and the settings (`relearn_steps`, `lora_rank`, ...)
+
+# %%
+metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "relearn_steps": RELEARN_STEPS, "lora_rank": LORA_RANK,
+           "lora_lr": LORA_LR, "full_lr": FULL_LR, "soft_prompt_steps": SOFT_PROMPT_STEPS, "restarts": RESTARTS,
+           "methods": sorted({m for _, m in edits}), **ours}
+for (t, m), row in start_rows.items():
+    metrics.update({f"{t}.{m}.edit.{k}_p_true": v for k, v in row.items()})
+for (t, m, v), r in relearned.items():
+    metrics.update({f"{t}.{m}.{v}.forget_p_true_by_step": r.forget_p_true, f"{t}.{m}.{v}.steps": r.steps,
+                    f"{t}.{m}.{v}.train_p_true_by_step": r.train_p_true, f"{t}.{m}.{v}.seconds": r.seconds})
+for (t, m), row in soft.items():
+    metrics.update({f"{t}.{m}.soft_prompt.{k}": v for k, v in row.items()})
+for prefix, res in (("format.", formats), ("quant_", quants), ("lang.", langs)):
+    metrics.update({f"{t}.{m}.{prefix}{k}.forget_p_true": v for (t, m), row in res.items() for k, v in row.items()})
+metrics.update({f"{t}.{m}.quant_{q}.base_p_true": v for (t, m), row in base_quant.items() for q, v in row.items()})
+metrics.update({f"{t}.{m}.quant_{q}.{k}": v for (t, m, q), row in survival.items() for k, v in row.items()
+                if k != "n_changed"})
+metrics.update({f"base.lang.{lang}.{k}": r[v] for lang, r in lang_base.items() if lang in LANGUAGES
+                for k, v in (("accuracy", "acc"), ("p_true", "p"), ("n", "n"))})
+metrics.update({f"{t}.{m}.recovered.{a}": float(v) for (t, m), row in recovery.iterrows() for a, v in row.dropna().items()})
+metrics.update({f"verdict.{r.attack}.{r.task}": r.verdict for r in verdicts.itertuples()})
+metrics.update({f"seconds.{k}": v for k, v in seconds.items()}, seconds_total=time.perf_counter() - t_start)
+write_metrics(RESULTS_DIR, STEM, metrics)
+print(f"{len(metrics)} metrics; {metrics['seconds_total']:.0f} s in total")

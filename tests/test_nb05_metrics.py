@@ -1,0 +1,81 @@
+"""Notebook 05 (SMOKE run): every attack ran on every smoke edit and moved what it should."""
+
+import pytest
+
+pytestmark = pytest.mark.notebook
+
+TASK = "athletes_to_sport"  # the task notebook 03 edits in SMOKE mode
+VARIANTS = ("relearn_lora", "relearn_full", "relearn_2ath")
+FORMATS = ("question", "mcq", "para1", "para2", "para3")
+LANGS = ("fr", "de", "es")
+
+
+@pytest.fixture(scope="module")
+def m(smoke_metrics):
+    return smoke_metrics("05_attacks")
+
+
+def test_edits_found_and_took(m):
+    assert m["smoke"] is True
+    assert {"flu", "ap"} <= set(m["methods"])
+    base = m[f"{TASK}.base.edit.forget_p_true"]
+    assert base > 0.5  # the forget athletes are ones the base model knows
+    for meth in m["methods"]:
+        assert 0 <= m[f"{TASK}.{meth}.edit.heldout_p_true"] <= 1
+        assert m[f"{TASK}.{meth}.edit.forget_p_true"] < base  # the edit lowered p(true)
+
+
+def test_relearning_curves(m):
+    for meth in m["methods"]:
+        edit_heldout = m[f"{TASK}.{meth}.edit.heldout_p_true"]
+        for v in VARIANTS:
+            steps = m[f"{TASK}.{meth}.{v}.steps"]
+            curve = m[f"{TASK}.{meth}.{v}.forget_p_true_by_step"]
+            train = m[f"{TASK}.{meth}.{v}.train_p_true_by_step"]
+            assert steps[0] == 0 and steps[-1] >= 1 and len(curve) == len(steps) == len(train)
+            assert all(0 <= p <= 1 for p in curve + train)
+            # step 0 is the edited model itself (the LoRA adapter starts as a no-op)
+            assert curve[0] == pytest.approx(edit_heldout, abs=1e-4), (meth, v)
+            # the attack changes the model: the athletes it trains on move
+            assert abs(train[-1] - train[0]) > 1e-4, (meth, v)
+            if v != "relearn_2ath":
+                assert train[-1] > train[0], (meth, v)
+            assert m[f"{TASK}.{meth}.recovered.{v}"] == pytest.approx(curve[-1] - curve[0], abs=1e-6)
+        assert m[f"{TASK}.{meth}.relearn20.normal.p_true"] == m[f"{TASK}.{meth}.relearn_lora.forget_p_true_by_step"][-1]
+
+
+def test_soft_prompt(m):
+    for meth in m["methods"]:
+        p = m[f"{TASK}.{meth}.soft_prompt.forget_p_true"]
+        assert 0 <= p <= 1 and m[f"{TASK}.{meth}.soft_prompt.p_true"] == p
+        assert m[f"{TASK}.{meth}.soft_prompt.train_loss"] > 0
+        assert m[f"{TASK}.{meth}.recovered.soft_prompt"] == pytest.approx(
+            p - m[f"{TASK}.{meth}.edit.heldout_p_true"], abs=1e-6)
+
+
+def test_formats_and_languages(m):
+    for meth in [*m["methods"], "base"]:
+        for f in FORMATS:
+            assert 0 <= m[f"{TASK}.{meth}.format.{f}.forget_p_true"] <= 1
+        for lang in LANGS:
+            assert 0 <= m[f"{TASK}.{meth}.lang.{lang}.forget_p_true"] <= 1
+    for lang in LANGS:
+        # the base model answers in every language (else a low edited number would mean nothing)
+        assert m[f"base.lang.{lang}.accuracy"] > 0.5 and m[f"base.lang.{lang}.n"] > 0
+        assert m[f"{TASK}.base.lang.{lang}.forget_p_true"] > 0.4
+    assert m[f"{TASK}.flu.recovered.lang.fr"] == pytest.approx(
+        m[f"{TASK}.flu.lang.fr.forget_p_true"] - m[f"{TASK}.flu.edit.forget_p_true"], abs=1e-6)
+
+
+def test_quantization(m):
+    for meth in m["methods"]:
+        for q in ("int8", "int4"):
+            assert 0 <= m[f"{TASK}.{meth}.quant_{q}.forget_p_true"] <= 1
+            assert 0 <= m[f"{TASK}.{meth}.quant_{q}.base_p_true"] <= 1
+            assert 0 <= m[f"{TASK}.{meth}.quant_{q}.erased_frac"] <= 1
+        # an int4 step is 127/7 = 18x an int8 step: the same edit measures 18x fewer steps
+        ratio = m[f"{TASK}.{meth}.quant_int8.edit_in_steps"] / m[f"{TASK}.{meth}.quant_int4.edit_in_steps"]
+        assert ratio == pytest.approx(127 / 7, rel=1e-3)
+        assert m[f"{TASK}.{meth}.quant_int4.erased_frac"] >= m[f"{TASK}.{meth}.quant_int8.erased_frac"]
+        # int8 barely moves the base model with the same matrices quantized
+        assert abs(m[f"{TASK}.{meth}.quant_int8.base_p_true"] - m[f"{TASK}.base.edit.forget_p_true"]) < 0.1
