@@ -24,7 +24,7 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) fails instead of blocking
 
 
-# Which earlier notebooks' results each notebook reads (07 also reads 04-06 when present).
+# Which earlier notebooks' results each notebook reads (07 reports 04 and 05 as "not measured" when absent).
 DEPENDS_ON = {
     "01_factual_recall_circuits": ["00_setup"],
     "02_localization": ["00_setup"],
@@ -32,7 +32,7 @@ DEPENDS_ON = {
     "04_probing_latent_knowledge": ["03_editing_and_unlearning"],
     "05_attacks": ["03_editing_and_unlearning"],
     "06_weight_masking": ["03_editing_and_unlearning"],
-    "07_results": ["03_editing_and_unlearning"],
+    "07_results": ["00_setup", "03_editing_and_unlearning", "04_probing_latent_knowledge", "05_attacks"],
 }
 
 
@@ -56,10 +56,13 @@ def notebook_stems() -> list[str]:
     return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
 
 
-def _cell_source(nb_path: Path, index: int) -> str:
+def _cell_source(nb_path: Path, exec_count) -> str:
+    """Source of the executed code cell with this execution count (papermill adds a banner cell
+    at the top of a failed notebook, so cell indices are off by one there)."""
     try:
         cells = json.loads(nb_path.read_text())["cells"]
-        return "".join(cells[index]["source"])[:400]
+        cell = next(c for c in cells if c["cell_type"] == "code" and c.get("execution_count") == exec_count)
+        return "".join(cell["source"])[:400]
     except Exception:  # noqa: BLE001 - best effort for the error message only
         return ""
 
@@ -82,7 +85,7 @@ def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_out
     except pm.PapermillExecutionError as err:
         raise NotebookFailed(
             f"notebook {stem} failed in cell {err.cell_index} (execution count {err.exec_count}): "
-            f"{err.ename}: {err.evalue}\n--- cell source ---\n{_cell_source(out, err.cell_index)}\n"
+            f"{err.ename}: {err.evalue}\n--- cell source ---\n{_cell_source(out, err.exec_count)}\n"
             f"--- executed notebook with the traceback: {out}") from None
     return out
 

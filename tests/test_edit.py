@@ -128,3 +128,24 @@ def test_unrelated_facts_exclude_everything_the_task_touches():
     free = unrelated_facts(task, facts, 100)
     touched = set(task.train_forget.subject) | set(task.train_maintain.subject)
     assert len(free) == 60 - len(touched) and touched.isdisjoint(free.subject)
+
+
+def test_lm_loss_on_sampled_positions_is_the_mean_over_those_positions(tiny):
+    import numpy as np
+
+    from mechunlearn_utils.edit import lm_loss, sample_positions
+
+    batch = tiny.tokenize(["Michael Jordan plays the sport of basketball and Babe Ruth plays baseball"] * 2)
+    batch = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    n = batch["input_ids"].shape[1] - 1
+    with torch.no_grad():
+        every = lm_loss(tiny, batch, 0, None)
+        all_positions = torch.arange(n).repeat(2, 1)
+        assert lm_loss(tiny, batch, 0, None, all_positions).item() == pytest.approx(every.item(), rel=1e-5)
+        pos = sample_positions(np.random.default_rng(0), 2, n, 3)
+        assert pos.shape == (2, 3) and all(len(set(r.tolist())) == 3 for r in pos)
+        per_token = [lm_loss(tiny, batch, 0, None, torch.tensor([[i], [i]])).item() for i in range(n)]
+        assert lm_loss(tiny, {k: v[:1] for k, v in batch.items()}, 0, None, pos[:1]).item() == pytest.approx(
+            float(np.mean([per_token[i] for i in pos[0].tolist()])), rel=1e-5)
+    assert sample_positions(np.random.default_rng(0), 2, n, 0) is None
+    assert sample_positions(np.random.default_rng(0), 2, n, n) is None

@@ -44,3 +44,15 @@ def test_saved_edits_reload(smoke_metrics, smoke_results_dir):
     assert changed and set(changed) <= set(base)
     restore(model, base)
     assert all((p == before[n]).all() for n, p in model.named_parameters().items() if "layers" in n)
+
+
+def test_sweep_is_recorded_and_its_choice_is_used(smoke_metrics):
+    m = smoke_metrics("03_editing_and_unlearning")
+    swept = {k.split(".")[2] for k in m if k.startswith(f"sweep.{TASK}.")}
+    assert swept, "the SMOKE run sweeps too"
+    for method in swept:
+        lrs, coefs, scores = (m[f"sweep.{TASK}.{method}.{c}"] for c in ("lr", "forget_coef", "train_score"))
+        assert len(lrs) == len(coefs) == len(scores) == len(set(zip(lrs, coefs))) >= 2
+        best = max(range(len(scores)), key=scores.__getitem__)  # the training split decides
+        assert m[f"{TASK}.{method}.lr"] == pytest.approx(lrs[best])
+        assert m[f"{TASK}.{method}.forget_coef"] == pytest.approx(coefs[best])

@@ -1,0 +1,31 @@
+"""The papermill runner: a failing notebook names its cell; prerequisites are in workbook order."""
+
+import nbformat
+import pytest
+
+from mechunlearn_utils import runner
+
+
+def test_a_failing_cell_is_named_with_its_source(tmp_path, monkeypatch):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# demo"),
+                nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_markdown_cell("the next cell fails"),
+                nbformat.v4.new_code_cell("x = 1\nraise ValueError('boom here')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "99_demo.ipynb")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    with pytest.raises(runner.NotebookFailed) as err:
+        runner.run_notebook("99_demo", tmp_path / "results", {"SMOKE": True})
+    message = str(err.value)
+    assert "99_demo" in message and "ValueError: boom here" in message
+    assert "raise ValueError('boom here')" in message  # the failing cell's source, not its neighbour
+
+
+def test_prerequisites_come_in_workbook_order():
+    stems = runner.notebook_stems()
+    assert runner.prerequisites("00_setup") == ["00_setup"]
+    needed = runner.prerequisites("07_results")
+    assert needed == sorted(needed) and needed[-1] == "07_results"
+    assert {"00_setup", "02_localization", "03_editing_and_unlearning", "05_attacks"} <= set(needed)
+    assert set(needed) <= set(stems)
