@@ -182,3 +182,47 @@ def claim_verdict(values: dict, flu: str = "flu", rivals=("ap", "ct"), lower_is_
     verdict = "reproduced" if all(wins) else ("not reproduced" if not any(wins) else "mixed")
     words = f"FLU {values[flu]:.3f} vs " + ", ".join(f"{r} {values[r]:.3f}" for r in present)
     return verdict, words
+
+
+TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step")
+
+
+def _numbers(value) -> list[float] | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS):
+    """Largest absolute difference per notebook between two RESULTS_DIRs (timings ignored).
+
+    Returns a table: stem, n_compared, max_abs_diff, worst_key, and `mismatched` (keys present in
+    one run only, or non-numeric values that differ)."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(dir_a).glob("*/metrics.json")):
+        stem = path.parent.name
+        other = Path(dir_b) / stem / "metrics.json"
+        if not other.exists():
+            rows.append(dict(stem=stem, n_compared=0, max_abs_diff=math.nan, worst_key="", mismatched=["<missing>"]))
+            continue
+        a, b = json.loads(path.read_text()), json.loads(other.read_text())
+        keys = [k for k in sorted(set(a) | set(b)) if not any(w in k for w in ignore)]
+        worst, worst_key, n, mismatched = 0.0, "", 0, []
+        for k in keys:
+            va, vb = _numbers(a.get(k)), _numbers(b.get(k))
+            if va is None or vb is None or len(va) != len(vb):
+                if a.get(k) != b.get(k):
+                    mismatched.append(k)
+                continue
+            d = max((abs(x - y) for x, y in zip(va, vb) if not (math.isnan(x) and math.isnan(y))), default=0.0)
+            n += 1
+            if d > worst or not worst_key:
+                worst, worst_key = d, k
+        rows.append(dict(stem=stem, n_compared=n, max_abs_diff=worst, worst_key=worst_key, mismatched=mismatched))
+    return pd.DataFrame(rows, columns=["stem", "n_compared", "max_abs_diff", "worst_key", "mismatched"])

@@ -171,6 +171,7 @@ save_figure(fig, RESULTS_DIR, STEM, "pareto_forget_maintain")
 
 # %%
 verdict_table = pd.DataFrame(verdicts)
+verdict_table.to_csv(notebook_dir(RESULTS_DIR, STEM) / "verdicts.csv", index=False)
 verdict_table
 
 # %% [markdown]

@@ -87,3 +87,16 @@ def test_side_by_side_joins_on_task_method_measure():
     assert len(table) == 2
     row = table[(table.task == "sport_to_golf") & (table.method == "flu")].iloc[0]
     assert row.ours == 0.2 and row.paper == 0.278
+
+
+def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_path):
+    from mechunlearn_utils.results import compare_runs
+
+    write_metrics(tmp_path / "a", "01_x", {"acc": 0.5, "curve": [0.1, 0.2], "seconds_total": 10.0, "model": "m"})
+    write_metrics(tmp_path / "b", "01_x", {"acc": 0.5, "curve": [0.1, 0.25], "seconds_total": 99.0, "model": "m"})
+    write_metrics(tmp_path / "a", "02_y", {"acc": 0.5, "only_a": 1.0})
+    write_metrics(tmp_path / "b", "02_y", {"acc": 0.5, "model": "other"})
+    t = compare_runs(tmp_path / "a", tmp_path / "b").set_index("stem")
+    assert t.loc["01_x", "max_abs_diff"] == pytest.approx(0.05) and t.loc["01_x", "worst_key"] == "curve"
+    assert t.loc["01_x", "n_compared"] == 2 and t.loc["01_x", "mismatched"] == []
+    assert t.loc["02_y", "max_abs_diff"] == 0 and set(t.loc["02_y", "mismatched"]) == {"only_a", "model"}
