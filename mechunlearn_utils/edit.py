@@ -382,8 +382,8 @@ def edited(model, path):
 
 # --------------------------------------------------------------------------- experiments
 
-def train_split_score(model, task: Task) -> float:
-    """(1 - p(true | forget, train split)) + p(true | maintain, train split), training format."""
+def train_split_measures(model, task: Task) -> dict:
+    """Training-format p(true) on the training split: {"forget_p_true", "maintain_p_true"}."""
     from .evals import counterfact_measure, sports_measure
 
     if task.kind == "sports":
@@ -393,13 +393,22 @@ def train_split_score(model, task: Task) -> float:
     else:
         f = counterfact_measure(model, task.train_forget, "prompt")["p"]
         m = counterfact_measure(model, task.train_maintain, "prompt")["p"]
-    return (1 - f) + m
+    return {"forget_p_true": f, "maintain_p_true": m}
+
+
+def rank_settings(rows: list[dict], forget_target: float = 0.1) -> list[dict]:
+    """Best first: settings whose edit took (forget p_true <= `forget_target`) by maintain p_true,
+    then the rest by forget p_true (a failed edit is never preferred to one that took)."""
+    took = sorted((r for r in rows if r["forget_p_true"] <= forget_target), key=lambda r: -r["maintain_p_true"])
+    rest = sorted((r for r in rows if r["forget_p_true"] > forget_target), key=lambda r: r["forget_p_true"])
+    return [{**r, "took": r["forget_p_true"] <= forget_target} for r in took + rest]
 
 
 def sweep(model, param_names: list[str], task: Task, general_text: list[str], lrs, coefs,
-          config: EditConfig | None = None, progress: bool = False) -> list[dict]:
-    """Train every (lr, forget_coef) pair from the base weights; score each on the training split
-    (the evaluation split is never used to choose). Best first; the base is restored after each."""
+          config: EditConfig | None = None, forget_target: float = 0.1, progress: bool = False) -> list[dict]:
+    """Train every (lr, forget_coef) pair from the base weights and measure it on the training split
+    (the evaluation split is never used to choose). Best first (`rank_settings`); the base weights
+    are restored after each. A setting that diverges gets forget_p_true = 1 and its error."""
     base = snapshot(model, param_names)
     rows = []
     try:
@@ -408,13 +417,13 @@ def sweep(model, param_names: list[str], task: Task, general_text: list[str], lr
                 cfg = EditConfig(**{**asdict(config or EditConfig()), "lr": lr, "forget_coef": coef})
                 try:
                     train_edit(model, param_names, task, general_text, cfg, progress=progress)
-                    rows.append(dict(lr=lr, forget_coef=coef, train_score=train_split_score(model, task)))
+                    rows.append(dict(lr=lr, forget_coef=coef, **train_split_measures(model, task)))
                 except EditError as err:
-                    rows.append(dict(lr=lr, forget_coef=coef, train_score=-1.0, error=str(err)))
+                    rows.append(dict(lr=lr, forget_coef=coef, forget_p_true=1.0, maintain_p_true=0.0, error=str(err)))
                 restore(model, base)
     finally:
         restore(model, base)
-    return sorted(rows, key=lambda r: -r["train_score"])
+    return rank_settings(rows, forget_target)
 
 
 def edit_and_evaluate(model, param_names: list[str], task: Task, general_text: list[str],

@@ -149,3 +149,29 @@ def test_lm_loss_on_sampled_positions_is_the_mean_over_those_positions(tiny):
             float(np.mean([per_token[i] for i in pos[0].tolist()])), rel=1e-5)
     assert sample_positions(np.random.default_rng(0), 2, n, 0) is None
     assert sample_positions(np.random.default_rng(0), 2, n, n) is None
+
+
+def test_rank_settings_prefers_edits_that_took_then_maintain():
+    from mechunlearn_utils.edit import rank_settings
+
+    rows = [dict(lr=1, forget_p_true=0.6, maintain_p_true=0.95),  # kept everything, edit did not take
+            dict(lr=2, forget_p_true=0.05, maintain_p_true=0.70),
+            dict(lr=3, forget_p_true=0.01, maintain_p_true=0.85),
+            dict(lr=4, forget_p_true=0.4, maintain_p_true=0.9)]
+    ranked = rank_settings(rows, forget_target=0.1)
+    assert [r["lr"] for r in ranked] == [3, 2, 4, 1]
+    assert [r["took"] for r in ranked] == [True, True, False, False]
+
+
+def test_sweep_trains_each_setting_from_the_base_and_restores_it(tiny, athletes, text):
+    from mechunlearn_utils.edit import sweep
+
+    task = make_task("unlearn_sport", athletes=athletes, sport="basketball", n_maintain=8, seed=0)
+    saved = snapshot(tiny, LATE)
+    rows = sweep(tiny, LATE, task, text, [1e-5, 3e-2], [1.0],
+                 EditConfig(steps=40, batch_size=4, lm_context=8), forget_target=0.2)
+    assert all(torch.equal(p, saved[n]) for n, p in snapshot(tiny, LATE).items())
+    assert {r["lr"] for r in rows} == {1e-5, 3e-2}
+    by_lr = {r["lr"]: r for r in rows}
+    assert by_lr[3e-2]["forget_p_true"] < by_lr[1e-5]["forget_p_true"] - 0.005  # the larger lr unlearned more
+    assert rows == sorted(rows, key=lambda r: (not r["took"], -r["maintain_p_true"] if r["took"] else r["forget_p_true"]))

@@ -47,12 +47,15 @@ def test_saved_edits_reload(smoke_metrics, smoke_results_dir):
 
 
 def test_sweep_is_recorded_and_its_choice_is_used(smoke_metrics):
+    from mechunlearn_utils.edit import rank_settings
+
     m = smoke_metrics("03_editing_and_unlearning")
     swept = {k.split(".")[2] for k in m if k.startswith(f"sweep.{TASK}.")}
     assert swept, "the SMOKE run sweeps too"
     for method in swept:
-        lrs, coefs, scores = (m[f"sweep.{TASK}.{method}.{c}"] for c in ("lr", "forget_coef", "train_score"))
-        assert len(lrs) == len(coefs) == len(scores) == len(set(zip(lrs, coefs))) >= 2
-        best = max(range(len(scores)), key=scores.__getitem__)  # the training split decides
-        assert m[f"{TASK}.{method}.lr"] == pytest.approx(lrs[best])
-        assert m[f"{TASK}.{method}.forget_coef"] == pytest.approx(coefs[best])
+        cols = ("lr", "forget_coef", "forget_p_true", "maintain_p_true")
+        rows = [dict(zip(cols, vals)) for vals in zip(*(m[f"sweep.{TASK}.{method}.{c}"] for c in cols))]
+        assert len(rows) == len({(r["lr"], r["forget_coef"]) for r in rows}) >= 2
+        best = rank_settings(rows, m["sweep_forget_target"])[0]  # the training split decides, by the notebook's rule
+        assert m[f"{TASK}.{method}.lr"] == pytest.approx(best["lr"])
+        assert m[f"{TASK}.{method}.forget_coef"] == pytest.approx(best["forget_coef"])
