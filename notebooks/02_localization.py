@@ -333,34 +333,14 @@ for t in facts:
 pd.DataFrame(claims)
 
 # %% [markdown]
-# **What we saw on gemma-3-270m** (full run: 48 facts per task for AP, 24 for FLU path patching,
-# 6 facts x 2 noise samples for CT; a SMOKE run prints different, noisier numbers):
-#
-# * **FLU lands in early/mid MLPs, as in the paper.** Sports: MLPs 2, 3, 5, 7, 9 (MLP 3 carries
-#   by far the largest path-patching effect); CounterFact: MLPs 3, 5, 6, 9. Mean depth 0.31-0.34,
-#   close to the paper's Gemma-7B layers 2-7 in relative terms.
-# * **Probes: partly reproduced.** The name-only probe climbs from about 0.6 (layer 0) to 0.8
-#   by layer 3, so part of the sport is looked up from the name by the first MLPs, but it only
-#   saturates (0.97) at layer 12, the extraction layer. The paper's Gemma-7B name-only probe is
-#   near 0.97 already by layers 3-4; this small model spreads the lookup over more of its depth.
-# * **Extraction heads: 12.2 and 15.3** (then 12.1 and other layer-15 heads), the same on both
-#   tasks, and the same heads notebook 01 found by DLA and attention to the subject (its top
-#   candidates 12.2, 12.1, 15.3; its top last-subject-token MLPs 3, 2, 1).
-# * **OT localizations sit later than FLU, as in the paper, but through attention, not MLPs.**
-#   AP and CT train the attention of the extraction layers (11-12, 15; AP also 0-1 on sports), so
-#   their matrices sit later on average (mean depth 0.43-0.66 vs FLU 0.31-0.34). Their *MLP*
-#   picks are not late: CT scores MLPs 2-3 highly (restoring them brings the answer back), so
-#   CT-MLP nearly coincides with FLU on sports (2-3, 6-8 vs 2-3, 5, 7, 9); AP-MLP mixes early
-#   (0, 3) and late (9-17) MLPs. The paper's "OT MLPs in late layers" (Gemma-7B AP MLPs 21-27)
-#   does **not** reproduce cleanly on this 18-layer model: check `claims` above.
-# * **AP is a rough estimate of patching here.** Against real activation patching it correlates
-#   well on sports (Pearson r about 0.9 over 12 components) but poorly on CounterFact (about
-#   0.4), where it even gets the sign of MLP 3 wrong (+0.29 estimated, -0.85 real): the linear
-#   approximation fails on the early lookup MLP, so AP under-ranks exactly what FLU picks.
-# * **Cost**: CT needed 1098 forward sequences per task (a row per fact, noise sample and
-#   component, 91 components), AP 96 forward + 48 backward for 48 facts: per fact, CT runs about
-#   90x more forward sequences than AP (`ratio_ct_over_ap.*`; `scripts/bench_localization.py`
-#   compares CT, AP and probing on the same facts).
+# **How to read it against the paper.** The paper's FLU MLPs sit early (Gemma-7B: 2-7) and its OT
+# localizations land late (Gemma-7B AP MLPs 21-27). Check, in the `claims` table above: is FLU's
+# mean depth below the OT methods'? Do AP/CT train the extraction layers' attention (the heads
+# of section 4)? Do the *MLP-only* OT variants sit later than FLU, or do they pick the early
+# lookup MLPs too (CT restores the answer by patching them, so it often does on a small model)?
+# And how well does AP agree with real patching (`agreement`): a linear estimate can miss the
+# early lookup MLPs, which is exactly what FLU picks. The README's Results section records what
+# the reference run on gemma-3-270m found.
 
 # %% [markdown]
 # ## 11 · Metrics

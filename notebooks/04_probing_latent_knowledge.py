@@ -150,26 +150,11 @@ for name, res in results.items():
 # change the residual stream below its lowest trained layer (checked: `resid_change_by_layer` is 0
 # there), so its curves equal the base curves up to that layer.
 #
-# **What we measured on gemma-3-270m** (full mode, athletes_to_sport, 16 athletes; notebook 03 run
-# with 20 steps, lr 1e-4, no sweep; probes trained on the other 208 known athletes; middle layer 9
-# of 0..17, subject token). The base-model probe reads the true sport of the held-out athletes at
-# 0.81 (0.85 over the back half), the injected one at 0.12.
-#
-# | edit | first trained layer | true (mid) | injected (mid) | true, back half | injected, back half |
-# |---|---|---|---|---|---|
-# | FLU | 2 | **0.00** | **0.94** | 0.01 | 0.97 |
-# | AP | 0 | 0.12 | 0.88 | 0.04 | 0.96 |
-# | CT | 3 | 0.19 | 0.69 | 0.10 | 0.85 |
-# | random | 0 | 0.12 | 0.88 | 0.03 | 0.94 |
-#
-# The FLU result reproduces the paper (0.87 injected / 0.03 true at the middle layer): the edit
-# rewrote the subject representation from layer 3 on. The AP result does **not**: on this model
-# notebook 02's AP localization includes layers 0, 1 and 3 (the paper's landed in late layers,
-# e.g. Gemma-7B MLPs 21-27), so it also edits the lookup, and the true sport is gone by layer 3
-# (the paper: 1.00 at the middle layer). CT, whose lowest layer is 3, keeps the true sport longest
-# (0.62 at layer 3, 0.44 at layers 4-5) and its injected sport reaches only 0.69 at the middle
-# layer (1.00 from layer 13). So on gemma-3-270m the probe separates methods by *how early* they
-# train, which is what the paper's mechanism predicts, but the OT localizations here are not late.
+# What to compare with the paper: FLU edits rewrite the representation early (the injected sport
+# is readable at the middle layer, the true one is not), while an edit that trains only late
+# layers leaves the true sport readable up to them. On a small model the OT localizations of
+# notebook 02 need not be late (check `first_edited_layer` above): the probe then separates the
+# methods by *how early* they train. The README's Results section records the reference run.
 
 # %% [markdown]
 # ## 5 · Explore: what the probe reads for each athlete

@@ -186,18 +186,8 @@ else:
     print("Never reached: " + (", ".join(sorted(set(summary.index) - set(reached.index))) or "none"))
 
 # %% [markdown]
-# **What we measured on gemma-3-270m** (full mode, athletes_to_sport with 16 athletes, notebook 02's
-# full localizations of ~20M weights each, Adam lr 0.05, 25 steps, L1 1e-4; base forget p(true)
-# 0.61, maintain 0.66). The continuous masks moved 0.57-0.76M weights (3-4% of each localization).
-# Binarized, **every localization reaches the edit at N = 10,000 weights** (0.05% of the
-# localization; the grid's previous point, 3,000, forgets with none): forget p(true) at N = 10k is
-# FLU 0.48, AP 0.13, CT 0.19, random 0.19 (question format: 0.48 / 0.18 / 0.20 / 0.22). So FLU is
-# *not* the most weight-efficient here: it needs ~30k weights (forget 0.11) for what AP does with
-# 10k. Side effects split the other way once N grows: maintain p(true) (base 0.66; it first rises,
-# because the mask also trains on the maintain loss) at N = 100k is FLU 0.74, CT 0.60, random 0.58,
-# AP 0.35; at 300k FLU 0.57, AP 0.35. FLU's masks change the fact with the fewest side effects at
-# large N, AP's with the fewest weights. The paper's numbers we compare against (shared anchors) give
-# no masking results, so these stand alone.
+# The paper reports no masking numbers to compare with (`../shared/anchors/paper_results.md`), so
+# these stand alone; the README's Results section records the reference run on gemma-3-270m.
 
 # %% [markdown]
 # ## 5 · Explore: pick a localization and N
