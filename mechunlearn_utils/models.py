@@ -361,10 +361,10 @@ def build_tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, see
     digest = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:12]
     tok_dir = cache_root() / "tiny-random" / f"tokenizer-{digest}"
     if not (tok_dir / "tokenizer.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache_root()))
+        tok_dir.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine has no cache yet
+        tmp = Path(tempfile.mkdtemp(dir=tok_dir.parent))
         fast.save_pretrained(tmp)
         shutil.rmtree(tok_dir, ignore_errors=True)
-        tok_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(tok_dir)
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     torch.manual_seed(seed)

@@ -137,3 +137,13 @@ def test_frozen_prefix_after_the_bridge_is_built(tiny):
         pre = prefix_hidden(tiny.hf, batch["input_ids"], batch["attention_mask"], 1)
         part = hidden_from(tiny.hf, batch["input_ids"], batch["attention_mask"], 1, pre)
     assert torch.allclose(full, part, atol=1e-5)
+
+
+def test_tiny_model_builds_on_a_machine_without_a_cache(tmp_path, monkeypatch):
+    """CI starts with no ~/.cache/mechunlearn at all: nothing may assume the folder exists."""
+    from mechunlearn_utils import load_model
+
+    root = tmp_path / "no" / "cache" / "yet"
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(root))
+    model = load_model("tiny-random", "cpu")
+    assert (root / "tiny-random").is_dir() and model.tokenizer("Michael Jordan")["input_ids"]
