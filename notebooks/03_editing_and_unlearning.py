@@ -54,7 +54,7 @@ SWEEP_TASKS = ["athletes_to_sport"]  # swept here; every task reuses the method'
 SWEEP_LRS = [1e-4, 3e-4]  # 3e-5 never reaches the edit in the sweep's steps
 SWEEP_COEFS = [1.0]  # the paper also sweeps coef (0.1..5): add values here
 SWEEP_STEPS = 10
-SWEEP_FORGET_TARGET = 0.2  # "the edit took" within SWEEP_STEPS (half the real run): forget p(true) <= this
+SWEEP_FORGET_TARGET = 0.2  # the edit took within SWEEP_STEPS (half the real run): forget p(true) at most this
 
 # %%
 import time

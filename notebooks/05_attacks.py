@@ -65,7 +65,7 @@ RESTARTS = 1  # the paper: 4
 QUANT = ["int8", "int4", "int8_all"]  # see attacks.parse_quant; suffix _all: every linear weight
 LANGUAGES = ["fr", "de", "es"]
 LANG_BASE_PER_SPORT = 20  # known athletes per sport for the base model's recall per language
-THREADS = 0  # torch CPU threads; 0 = automatic, 1 when the machine is busier than its cores
+THREADS = 0  # torch CPU threads (0: automatic; 1 when the machine is busier than its cores)
 
 # %% [markdown]
 # Imports and setup: seed every random generator, choose the CPU threads, and shrink everything
