@@ -226,3 +226,13 @@ def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS):
                 worst, worst_key = d, k
         rows.append(dict(stem=stem, n_compared=n, max_abs_diff=worst, worst_key=worst_key, mismatched=mismatched))
     return pd.DataFrame(rows, columns=["stem", "n_compared", "max_abs_diff", "worst_key", "mismatched"])
+
+
+def latent_position(probes: dict, positions=("final", "subject")) -> str:
+    """The probe position (notebook 04 keys `<task>.base.<pos>.true_acc.mid`) where the probe reads
+    the true fact best in the unedited model, averaged over tasks; the first when nothing is there."""
+    def base_acc(pos):
+        vals = [v for k, v in probes.items() if k.endswith(f".base.{pos}.true_acc.mid")]
+        return sum(vals) / len(vals) if vals else -1.0
+
+    return max(positions, key=base_acc)

@@ -41,8 +41,9 @@ import pandas as pd
 import seaborn as sns
 
 from mechunlearn_utils.notebook import start
-from mechunlearn_utils.results import (MissingResultsError, claim_verdict, load_paper_results, metrics_long,
-                                       notebook_dir, read_metrics, save_figure, side_by_side, write_metrics)
+from mechunlearn_utils.results import (MissingResultsError, claim_verdict, latent_position, load_paper_results,
+                                       metrics_long, notebook_dir, read_metrics, save_figure, side_by_side,
+                                       write_metrics)
 
 STEM = "07_results"
 RESULTS_DIR = start(SEED, RESULTS_DIR)
@@ -115,8 +116,11 @@ pd.DataFrame(verdicts[-2 * ours.task.nunique():])
 # measured*. Lower is better for all three measures:
 # * relearning: held-out forget p(true) after LoRA relearning on the other half (the last step);
 # * soft prompt: held-out forget p(true) with a soft prompt trained on the other half;
-# * latent: accuracy of a probe for the **true** sport at the middle layer (final token) on the
-#   edited athletes; the paper: FLU 0.03, AP 1.00 (the old fact still readable inside).
+# * latent: accuracy of a probe for the **true** sport at the middle layer on the edited
+#   athletes; the paper: FLU 0.03, AP 1.00 (the old fact still readable inside). The position is
+#   the one (final or last subject token) where the probe reads the fact best in the **base**
+#   model: on a small model the sport reaches the final token only at the extraction layer,
+#   after the middle, so there the middle layer holds it at the subject token.
 
 # %%
 def optional_metrics(stem):
@@ -128,9 +132,11 @@ def optional_metrics(stem):
 
 
 attacks, probes = optional_metrics("05_attacks"), optional_metrics("04_probing_latent_knowledge")
+LATENT_POS = latent_position(probes)
+print(f"latent claim read at the {LATENT_POS} token")
 CLAIMS_2_3 = (("relearning", "2 resists relearning (LoRA)", attacks, "relearn20.normal.p_true"),
               ("soft_prompt", "2 resists a soft-prompt attack", attacks, "soft_prompt.forget_p_true"),
-              ("latent", "3 changes the mid-layer representation", probes, "final.true_acc.mid"))
+              ("latent", "3 changes the mid-layer representation", probes, f"{LATENT_POS}.true_acc.mid"))
 for cid, claim, source, measure in CLAIMS_2_3:
     frame = metrics_long(source)
     found = [t for t in sorted(frame.task.unique()) if values(t, measure, frame)]
@@ -182,7 +188,7 @@ verdict_table
 
 # %%
 metrics = {"model": edits["model"], "smoke": SMOKE, "mcq_usable": setup["mcq_usable"],
-           "n_compared": int(len(table))}
+           "n_compared": int(len(table)), "latent_position": LATENT_POS}
 for row in verdict_table.itertuples():
     metrics[f"verdict.{row.id}.{row.task}"] = row.verdict
 write_metrics(RESULTS_DIR, STEM, metrics)

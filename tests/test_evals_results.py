@@ -100,3 +100,13 @@ def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_pat
     assert t.loc["01_x", "max_abs_diff"] == pytest.approx(0.05) and t.loc["01_x", "worst_key"] == "curve"
     assert t.loc["01_x", "n_compared"] == 2 and t.loc["01_x", "mismatched"] == []
     assert t.loc["02_y", "max_abs_diff"] == 0 and set(t.loc["02_y", "mismatched"]) == {"only_a", "model"}
+
+
+def test_latent_position_is_where_the_base_probe_reads_best():
+    from mechunlearn_utils.results import latent_position
+
+    probes = {"t.base.final.true_acc.mid": 0.6, "t.base.subject.true_acc.mid": 0.8,
+              "t.flu.final.true_acc.mid": 0.0, "t.flu.subject.true_acc.mid": 0.9}
+    assert latent_position(probes) == "subject"  # edited models never decide it
+    assert latent_position({**probes, "t.base.final.true_acc.mid": 0.95}) == "final"
+    assert latent_position({}) == "final"

@@ -111,10 +111,11 @@ def test_masks_binarize_within_their_localization():
 @pytest.mark.parametrize("claim,stem,measure", [
     ("relearning", "05_attacks", "relearn20.normal.p_true"),
     ("soft_prompt", "05_attacks", "soft_prompt.forget_p_true"),
-    ("latent", "04_probing_latent_knowledge", "final.true_acc.mid"),
+    ("latent", "04_probing_latent_knowledge", "{pos}.true_acc.mid"),
 ])
 def test_verdicts_agree_with_the_numbers(claim, stem, measure):
     verdicts = full_metrics("07_results")
+    measure = measure.format(pos=verdicts["latent_position"])
     long = metrics_long(full_metrics(stem))
     for task in long.task.unique():
         rows = long[(long.task == task) & (long.measure == measure) & (long.method != "base")]

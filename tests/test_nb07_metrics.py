@@ -25,11 +25,12 @@ def test_verdicts_match_the_numbers(smoke_metrics):
 @pytest.mark.parametrize("claim,stem,measure", [
     ("relearning", "05_attacks", "relearn20.normal.p_true"),
     ("soft_prompt", "05_attacks", "soft_prompt.forget_p_true"),
-    ("latent", "04_probing_latent_knowledge", "final.true_acc.mid"),
+    ("latent", "04_probing_latent_knowledge", "{pos}.true_acc.mid"),
 ])
 def test_attack_and_probe_verdicts_match_their_notebooks(smoke_metrics, claim, stem, measure):
     source = smoke_metrics(stem)  # run before 07 reads it
     m = smoke_metrics("07_results")
+    measure = measure.format(pos=m["latent_position"])
     task = "athletes_to_sport"
     values = {k.split(".")[1]: v for k, v in source.items()
               if k.startswith(task + ".") and k.endswith("." + measure) and ".base." not in k}
