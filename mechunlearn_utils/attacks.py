@@ -50,11 +50,11 @@ from .data import DATA_DIR
 from .edit import (edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss, prefix_hidden,
                    restore, snapshot)
 from .edit import answer_logprobs as _frozen_answer_logprobs
-from .evals import candidate_token_ids, unembed
+from .evals import EDIT_CANDIDATES, candidate_token_ids, unembed
 from .prompts import SPORT_PARAPHRASE_TEMPLATES, sport_prompts
 from .results import MissingResultsError
 
-CANDIDATES = ("basketball", "baseball", "football", "golf")  # as in evals.evaluate_task
+CANDIDATES = EDIT_CANDIDATES
 SPORT_COLUMNS = CANDIDATES
 SPORTS_TASKS = ("athletes_to_sport", "sport_to_golf", "unlearn_sport")
 EDITS_STEM = "03_editing_and_unlearning"

@@ -384,10 +384,10 @@ def edited(model, path):
 
 def train_split_measures(model, task: Task) -> dict:
     """Training-format p(true) on the training split: {"forget_p_true", "maintain_p_true"}."""
+    from .evals import EDIT_CANDIDATES as cands
     from .evals import counterfact_measure, sports_measure
 
     if task.kind == "sports":
-        cands = ("basketball", "baseball", "football", "golf")
         f = sports_measure(model, task.train_forget, "sport", "normal", cands)["p"]
         m = sports_measure(model, task.train_maintain, "sport", "normal", cands)["p"]
     else:

@@ -161,6 +161,9 @@ def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size:
     return total / count
 
 
+EDIT_CANDIDATES = ("basketball", "baseball", "football", "golf")  # the sports an edit is scored over
+
+
 def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_text: list[str] | None = None,
                   unrelated_facts: pd.DataFrame | None = None, lm_context: int = 64) -> dict:
     """Every measure of the paper's suite for one (edited) model on one task, as a flat dict.
@@ -172,7 +175,7 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
     """
     out: dict[str, float] = {}
     if task.kind == "sports":
-        cands = ("basketball", "baseball", "football", "golf")
+        cands = EDIT_CANDIDATES
         cols = ["sport", "target"] if task.mode == "edit" else ["sport"]
         for fmt in formats:
             r = sports_measure(model, task.eval_forget, cols, fmt, cands)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .edit import (EditError, answer_logprobs, first_trainable_layer, forget_loss, general_text_batch,
                    lm_loss, prefix_hidden, task_examples)
+from .evals import EDIT_CANDIDATES
 
 STEM = "06_weight_masking"
 DEFAULT_N_GRID = (10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
@@ -219,7 +220,7 @@ def binary_masks(scores: dict[str, torch.Tensor], ranked: list[tuple[str, int]],
     return {k: v.view_as(scores[k]) for k, v in out.items()}
 
 
-CANDIDATES = ("basketball", "baseball", "football", "golf")
+CANDIDATES = EDIT_CANDIDATES
 
 
 @torch.no_grad()
