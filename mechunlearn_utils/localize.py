@@ -324,9 +324,9 @@ def _run_tl(model, batch, edits, capture, metric) -> RunResult:
                      grads, None if value is None else value.detach())
 
 
-def _nn_envoy(nn, site: Site):
-    """(envoy, 'input'|'output') of a site in any HF decoder model (model.model.layers[l]...)."""
-    base = nn.model
+def _site_target(base, site: Site):
+    """(submodule, 'input'|'output') of a site under a decoder root `base` (HF `model.model`, or
+    its nnsight envoy: both have the same attribute tree)."""
     if site.kind == "embed":
         return base.embed_tokens, "output"
     if site.kind == "resid_final":
@@ -337,21 +337,16 @@ def _nn_envoy(nn, site: Site):
             "z": (layer.self_attn.o_proj, "input"), "mlp_in": (layer.mlp, "input"),
             "mlp_pre": (layer.mlp.gate_proj, "output"), "mlp_post": (layer.mlp.down_proj, "input"),
             "mlp_out": (layer.mlp, "output")}[site.kind]
+
+
+def _nn_envoy(nn, site: Site):
+    """(envoy, 'input'|'output') of a site in any HF decoder model (model.model.layers[l]...)."""
+    return _site_target(nn.model, site)
 
 
 def _hf_module(model, site: Site):
     """(module, 'input'|'output') of a site: the same HF modules nnsight uses."""
-    base = model.hf.model
-    if site.kind == "embed":
-        return base.embed_tokens, "output"
-    if site.kind == "resid_final":
-        return base.norm, "input"
-    layer = base.layers[site.layer]
-    return {"resid_pre": (layer, "input"), "q": (layer.self_attn.q_proj, "output"),
-            "k": (layer.self_attn.k_proj, "output"), "v": (layer.self_attn.v_proj, "output"),
-            "z": (layer.self_attn.o_proj, "input"), "mlp_in": (layer.mlp, "input"),
-            "mlp_pre": (layer.mlp.gate_proj, "output"), "mlp_post": (layer.mlp.down_proj, "input"),
-            "mlp_out": (layer.mlp, "output")}[site.kind]
+    return _site_target(model.hf.model, site)
 
 
 def _run_hf(model, batch, edits, capture, metric) -> RunResult:
