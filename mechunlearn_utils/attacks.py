@@ -26,11 +26,10 @@ the same candidates `evals.evaluate_task` uses), on athletes the attack did not 
   tokens is scored by its **first token** (the default, ``multi_token="first"``; the first tokens
   of a language's candidates must differ) or rejected (``multi_token="reject"``).
 
-**Shared prefix.** All prompts of a format start with the same one-shot example, so each batch
-runs that common prefix once (batch 1), repeats its key/value cache over the batch and runs
-only the athlete-specific suffix: about half the tokens, with and without gradients (the soft
-prompt sits inside the shared prefix). Where relearning trains only upper layers (``layers=``),
-the frozen-prefix machinery of `edit` is used instead: the lower layers' output is computed once.
+**Shared prefix.** All prompts of a format start with the same one-shot example, which runs once
+per batch with and without gradients (`forward.last_token_hidden`; the soft prompt sits inside
+that shared prefix). Where relearning trains only upper layers (``layers=``), the lower layers'
+output is computed once as well (`forward.prefix_hidden`).
 """
 
 from __future__ import annotations
@@ -47,10 +46,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DATA_DIR
-from .edit import (edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss, prefix_hidden,
+from .edit import (edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss,
                    restore, snapshot)
-from .edit import answer_logprobs as _frozen_answer_logprobs
 from .evals import EDIT_CANDIDATES, candidate_token_ids, unembed
+from .forward import last_token_hidden, prefix_hidden
 from .prompts import SPORT_PARAPHRASE_TEMPLATES, sport_prompts
 from .results import MissingResultsError
 
@@ -162,55 +161,6 @@ def edit_weights(model, path) -> tuple[dict, dict]:
     return snapshot(model, list(new)), new
 
 
-# =========================================================================== shared-prefix forward
-
-def embed_scale(model) -> float:
-    """Factor the model multiplies token embeddings by (sqrt(d_model) for Gemma, else 1)."""
-    emb = model.hf.get_input_embeddings()
-    scale = getattr(emb, "embed_scale", None)
-    return float(scale) if scale is not None else 1.0
-
-
-def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-    """Length of the token prefix every row shares, leaving each row at least one own token."""
-    lengths = attention_mask.sum(1)
-    limit = int(lengths.min()) - 1
-    same = (input_ids[:, :max(limit, 0)] == input_ids[:1, :max(limit, 0)]).all(0)
-    diff = (~same).nonzero()
-    return int(diff[0]) if len(diff) else max(limit, 0)
-
-
-def prefix_shared_hidden(model, input_ids, attention_mask, last_index, soft: torch.Tensor | None = None):
-    """Final-norm'd hidden state at each row's last token, running the shared prefix once.
-
-    ``soft`` [k, d] (raw embedding units) is inserted right after BOS (at the start for models
-    without BOS) and multiplied by the embedding scale. Gradients flow to ``soft`` and to any
-    trainable weight. Equal to a plain forward of the full prompts (tested)."""
-    hf = model.hf
-    B = input_ids.shape[0]
-    P = common_prefix_length(input_ids, attention_mask)
-    at = 1 if model.prepend_bos else 0
-    if soft is None and P == 0:
-        out = hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return out[torch.arange(B, device=input_ids.device), last_index]
-    if soft is not None and P < at:
-        raise AttackError("a soft prompt goes after BOS, but a prompt has no BOS token")
-    from transformers import DynamicCache
-
-    embed = hf.get_input_embeddings()
-    pre = embed(input_ids[:1, :P])
-    if soft is not None:
-        pre = torch.cat([pre[:, :at], (soft * embed_scale(model)).to(pre.dtype)[None], pre[:, at:]], 1)
-    cache = DynamicCache(config=hf.config)
-    hf.model(inputs_embeds=pre, past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(B)
-    K = pre.shape[1]
-    mask = torch.cat([attention_mask.new_ones(B, K), attention_mask[:, P:]], 1)
-    out = hf.model(input_ids=input_ids[:, P:], attention_mask=mask, past_key_values=cache,
-                   use_cache=True).last_hidden_state
-    return out[torch.arange(B, device=input_ids.device), last_index - P]
-
-
 def candidate_scores(model, prompts: list[str], cand_ids, correct, soft=None, batch_size: int = 32) -> pd.DataFrame:
     """Per prompt: p(correct) normalized over its candidate token ids, raw p, argmax hit."""
     if len(prompts) == 0:
@@ -221,8 +171,8 @@ def candidate_scores(model, prompts: list[str], cand_ids, correct, soft=None, ba
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
             b = model.tokenize(prompts[s:s + batch_size])
-            h = prefix_shared_hidden(model, b["input_ids"], b["attention_mask"], b["last_index"],
-                                     None if soft is None else soft.detach())
+            h = last_token_hidden(model, b["input_ids"], b["attention_mask"], b["last_index"],
+                                  soft=None if soft is None else soft.detach())
             logp = torch.log_softmax(unembed(model, h).float(), -1).cpu()
             c, r = cand[s:s + batch_size], correct[s:s + batch_size]
             lp = logp.gather(1, c)
@@ -391,11 +341,9 @@ def _answer_examples(model, prompts: list[str], answers: list[str]) -> dict:
 
 def _logp_answers(model, b: dict, idx, start: int, prefix) -> torch.Tensor:
     """log p(answer) for rows `idx`: shared-token prefix (start 0) or frozen layers (start > 0)."""
-    rows = (b["input_ids"][idx], b["attention_mask"][idx], b["last_index"][idx], b["answers"][idx])
-    if start > 0:
-        return _frozen_answer_logprobs(model, (*rows, prefix[idx]), start)[0]
-    h = prefix_shared_hidden(model, *rows[:3])
-    return torch.log_softmax(unembed(model, h).float(), -1).gather(1, rows[3][:, None])[:, 0]
+    h = last_token_hidden(model, b["input_ids"][idx], b["attention_mask"][idx], b["last_index"][idx], start,
+                          None if prefix is None else prefix[idx])
+    return torch.log_softmax(unembed(model, h).float(), -1).gather(1, b["answers"][idx][:, None])[:, 0]
 
 
 def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.DataFrame,
@@ -495,7 +443,7 @@ def project_norm_(vectors: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 def _soft_loss(model, b: dict, idx, soft) -> torch.Tensor:
-    h = prefix_shared_hidden(model, b["input_ids"][idx], b["attention_mask"][idx], b["last_index"][idx], soft)
+    h = last_token_hidden(model, b["input_ids"][idx], b["attention_mask"][idx], b["last_index"][idx], soft=soft)
     return -torch.log_softmax(unembed(model, h).float(), -1).gather(1, b["answers"][idx][:, None]).mean()
 
 

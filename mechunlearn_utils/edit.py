@@ -7,7 +7,8 @@ cosine schedule, gradient clipping, ~50 steps.
 
 **Frozen prefix.** Layers below the lowest trainable one never change, so their output for the
 fixed training prompts is computed once and reused at every step; the forward and backward then
-run only through the upper layers (`layers_from`). For a late-layer localization this makes a
+run only through the upper layers (`forward.layers_from`); the one-shot example every prompt
+shares runs once per batch (`forward.last_token_hidden`). For a late-layer localization this makes a
 step several times cheaper than full fine-tuning.
 
 An edit is saved as only the changed matrices (safetensors) plus a JSON of how it was made;
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evals import unembed
+from .forward import hidden_from, last_token_hidden, prefix_hidden
 from .prompts import sport_prompt
 from .tasks import Task
 
@@ -71,43 +73,6 @@ def first_trainable_layer(param_names: list[str]) -> int:
         return 0  # embeddings (tied with the unembedding) train: nothing is frozen
     found = [l for l in layers if l is not None]
     return min(found) if found else 0
-
-
-@contextlib.contextmanager
-def layers_from(hf, start: int):
-    """Run the HF decoder on layers[start:] only (feed it the hidden state entering `start`)."""
-    if start == 0:
-        yield
-        return
-    base = hf.model
-    layers, types = base.layers, getattr(base.config, "layer_types", None)
-    base.layers = torch.nn.ModuleList(list(layers)[start:])
-    if types is not None:
-        base.config.layer_types = list(types)[start:]
-    try:
-        yield
-    finally:
-        base.layers = layers
-        if types is not None:
-            base.config.layer_types = types
-
-
-@torch.no_grad()
-def prefix_hidden(hf, input_ids, attention_mask, start: int) -> torch.Tensor | None:
-    """Hidden state entering layer `start` (None when start == 0: nothing to freeze)."""
-    if start == 0:
-        return None
-    out = hf.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                   use_cache=False)
-    return out.hidden_states[start].detach()
-
-
-def hidden_from(hf, input_ids, attention_mask, start: int, prefix: torch.Tensor | None):
-    """Final-norm'd hidden states, reusing a frozen prefix when one is given."""
-    if prefix is None:
-        return hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    with layers_from(hf, start):
-        return hf.model(inputs_embeds=prefix, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 # --------------------------------------------------------------------------- training data
@@ -173,8 +138,7 @@ def general_text_batch(model, paragraphs: list[str], n: int, context: int) -> di
 def answer_logprobs(model, ex_rows, start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(answer) and the full log-softmax row at each prompt's last token."""
     input_ids, mask, last, answers, prefix = ex_rows
-    hidden = hidden_from(model.hf, input_ids, mask, start, prefix)
-    h = hidden[torch.arange(len(last), device=last.device), last]
+    h = last_token_hidden(model, input_ids, mask, last, start, prefix)
     logp = torch.log_softmax(unembed(model, h).float(), dim=-1)
     return logp.gather(1, answers[:, None])[:, 0], logp
 

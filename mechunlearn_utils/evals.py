@@ -1,7 +1,8 @@
 """Batched evaluation: probabilities of candidate answers at the final token.
 
 The 262k-token vocabulary of Gemma-3 makes full-sequence logits costly, so everything here takes
-the hidden state at each prompt's last token and unembeds only that position.
+the hidden state at each prompt's last token and unembeds only that position; the one-shot example
+every prompt of a format starts with runs once per batch (`forward.last_token_hidden`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .forward import last_token_hidden
 from .prompts import PromptSet
 
 
@@ -57,7 +59,8 @@ def candidate_logprobs(model, pset: PromptSet, batch_size: int = 32, progress: b
     result: list[np.ndarray | None] = [None] * len(pset)
     batches = list(length_sorted_batches(model, pset.prompts, batch_size))
     for idx, batch in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
-        logp = torch.log_softmax(final_logits(model, **batch).float(), dim=-1)
+        hidden = last_token_hidden(model, batch["input_ids"], batch["attention_mask"], batch["last_index"])
+        logp = torch.log_softmax(unembed(model, hidden).float(), dim=-1)
         for row, i in enumerate(idx):
             result[i] = logp[row, cand_ids[i]].cpu().numpy()
     return result  # type: ignore[return-value]

@@ -31,7 +31,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .edit import (EditError, answer_logprobs, first_trainable_layer, forget_loss, general_text_batch,
-                   lm_loss, prefix_hidden, task_examples)
+                   lm_loss, task_examples)
+from .forward import prefix_hidden
 from .evals import EDIT_CANDIDATES
 
 STEM = "06_weight_masking"

@@ -1,4 +1,4 @@
-"""Attacks library on the tiny random model: shared-prefix forward, relearning (LoRA removed
+"""Attacks library on the tiny random model: relearning (LoRA removed
 exactly), soft prompts, quantization, other languages, bad input."""
 
 from __future__ import annotations
@@ -40,29 +40,6 @@ def words(tiny):
     return vocab
 
 
-# --------------------------------------------------------------------------- shared prefix
-
-def test_common_prefix_length():
-    ids = torch.tensor([[2, 5, 6, 7, 9], [2, 5, 6, 8, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    assert A.common_prefix_length(ids, mask) == 3
-    # identical prompts: every row keeps at least its last token
-    same = torch.tensor([[2, 5, 6], [2, 5, 6]])
-    assert A.common_prefix_length(same, torch.ones_like(same)) == 2
-
-
-@pytest.mark.parametrize("fmt", ["normal", "question", "mcq"])
-def test_shared_prefix_forward_equals_plain_forward(tiny, words, fmt):
-    pset = sport_prompts(list(ATHLETES.athlete), list(ATHLETES.sport), fmt)
-    b = tiny.tokenize(pset.prompts)
-    with torch.no_grad():
-        plain = tiny.hf.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        plain = plain[torch.arange(len(pset)), b["last_index"]]
-        shared = A.prefix_shared_hidden(tiny, b["input_ids"], b["attention_mask"], b["last_index"])
-    assert A.common_prefix_length(b["input_ids"], b["attention_mask"]) > 3
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
-
-
 def test_candidate_scores_match_evals(tiny, words):
     pset = sport_prompts(list(ATHLETES.athlete), list(ATHLETES.sport), candidates=A.CANDIDATES)
     ref = score_prompts(tiny, pset)
@@ -70,23 +47,6 @@ def test_candidate_scores_match_evals(tiny, words):
     assert got["p"] == pytest.approx(ref.p_norm.mean(), abs=1e-5)
     assert got["acc"] == pytest.approx(ref.hit.mean())
     assert got["n"] == len(ATHLETES)
-
-
-def test_soft_prompt_goes_right_after_bos(tiny, words):
-    torch.manual_seed(0)
-    soft = torch.randn(3, tiny.d_model)
-    prompts = sport_prompts(list(ATHLETES.athlete[:3]), list(ATHLETES.sport[:3])).prompts
-    b = tiny.tokenize(prompts)
-    with torch.no_grad():
-        got = A.prefix_shared_hidden(tiny, b["input_ids"], b["attention_mask"], b["last_index"], soft)
-        emb = tiny.hf.get_input_embeddings()(b["input_ids"])
-        scaled = soft * A.embed_scale(tiny)
-        full = torch.cat([emb[:, :1], scaled.expand(3, -1, -1), emb[:, 1:]], 1)
-        mask = torch.cat([torch.ones(3, 3, dtype=torch.long), b["attention_mask"]], 1)
-        ref = tiny.hf.model(inputs_embeds=full, attention_mask=mask).last_hidden_state
-        ref = ref[torch.arange(3), b["last_index"] + 3]
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert A.embed_scale(tiny) == pytest.approx(tiny.d_model ** 0.5, rel=1e-3)  # Gemma scales embeddings
 
 
 # --------------------------------------------------------------------------- relearning

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from mechunlearn_utils.data import load_athletes, load_general_text
-from mechunlearn_utils.edit import (EditConfig, EditError, edited, first_trainable_layer, forget_loss,
-                                    hidden_from, load_edited, prefix_hidden, restore, save_edit, snapshot,
-                                    train_edit)
+from mechunlearn_utils.edit import (EditConfig, EditError, edited, first_trainable_layer, forget_loss, load_edited,
+                                    restore, save_edit, snapshot, train_edit)
 from mechunlearn_utils.evals import evaluate_task, sports_measure
+from mechunlearn_utils.forward import hidden_from, prefix_hidden
 from mechunlearn_utils.tasks import make_task
 
 LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]

@@ -128,7 +128,7 @@ def test_parameter_names_survive_the_bridge():
 
 
 def test_frozen_prefix_after_the_bridge_is_built(tiny):
-    from mechunlearn_utils.edit import hidden_from, prefix_hidden
+    from mechunlearn_utils.forward import hidden_from, prefix_hidden
 
     tiny.tl  # noqa: B018
     batch = tiny.tokenize([PROMPT])
