@@ -168,6 +168,18 @@ def side_by_side(ours, paper):
     return merged.rename(columns={"value_ours": "ours", "value_paper": "paper"})
 
 
+def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "relearn20.normal.p_true",
+                               side: str = "side.lm_loss"):
+    """One row per (task, method) measured in both: the attack's forget p(true) (`robustness`, lower =
+    more robust) and the side effect as a change from the unedited model (`side` minus base)."""
+    base = edits_long[(edits_long.method == "base") & (edits_long.measure == side)].set_index("task").value
+    eff = edits_long[(edits_long.method != "base") & (edits_long.measure == side)]
+    eff = eff.assign(side_effect=eff.value - eff.task.map(base))[["task", "method", "side_effect"]]
+    rob = attacks_long[attacks_long.measure == robustness][["task", "method", "value"]]
+    out = rob.rename(columns={"value": "attack_p_true"}).merge(eff, on=["task", "method"])
+    return out.dropna().reset_index(drop=True)
+
+
 def claim_verdict(values: dict, flu: str = "flu", rivals=("ap", "ct"), lower_is_better: bool = True,
                   margin: float = 0.05) -> tuple[str, str]:
     """Is FLU better than every rival by at least `margin`? -> (verdict, the numbers in words).

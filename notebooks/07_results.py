@@ -42,8 +42,8 @@ import seaborn as sns
 
 from mechunlearn_utils.notebook import start
 from mechunlearn_utils.results import (MissingResultsError, claim_verdict, latent_position, load_paper_results,
-                                       metrics_long, notebook_dir, read_metrics, save_figure, side_by_side,
-                                       write_metrics)
+                                       metrics_long, notebook_dir, read_metrics, robustness_vs_side_effects,
+                                       save_figure, side_by_side, write_metrics)
 
 STEM = "07_results"
 RESULTS_DIR = start(SEED, RESULTS_DIR)
@@ -169,6 +169,20 @@ for ax, task in zip(axes[0], tasks):
         sns.scatterplot(frame, x=x, y=y, hue="method", s=80, ax=ax)
     ax.set(title=task, xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
 save_figure(fig, RESULTS_DIR, STEM, "pareto_forget_maintain")
+
+# %% [markdown]
+# Robustness against side effects: the held-out forget p(true) after LoRA relearning (notebook
+# 05; lower = more robust) against the LM-loss change the edit caused (notebook 03; lower = less
+# damage). The paper's claim puts FLU in the bottom-left corner.
+
+# %%
+trade = robustness_vs_side_effects(ours, metrics_long(attacks)) if attacks else pd.DataFrame()
+if len(trade):
+    grid = sns.relplot(trade, x="side_effect", y="attack_p_true", hue="method", col="task", s=80, height=3.5,
+                       facet_kws=dict(sharex=False))
+    grid.set_axis_labels("LM loss change (edited - base)", "forget p(true) after relearning")
+    save_figure(grid.figure, RESULTS_DIR, STEM, "pareto_robustness_side_effects")
+trade.round(3)
 
 # %% [markdown]
 # ## 6 · Verdicts

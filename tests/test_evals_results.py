@@ -110,3 +110,15 @@ def test_latent_position_is_where_the_base_probe_reads_best():
     assert latent_position(probes) == "subject"  # edited models never decide it
     assert latent_position({**probes, "t.base.final.true_acc.mid": 0.95}) == "final"
     assert latent_position({}) == "final"
+
+
+def test_robustness_vs_side_effects_pairs_each_method_with_its_change_from_base():
+    from mechunlearn_utils.results import metrics_long, robustness_vs_side_effects
+
+    edits = metrics_long({"t.base.side.lm_loss": 3.0, "t.flu.side.lm_loss": 3.2, "t.ap.side.lm_loss": 2.9,
+                          "u.flu.side.lm_loss": 9.0})  # task u: no base row, no attack
+    attacks = metrics_long({"t.flu.relearn20.normal.p_true": 0.1, "t.ap.relearn20.normal.p_true": 0.4,
+                            "t.ct.relearn20.normal.p_true": 0.3})  # ct: no edit measure
+    got = robustness_vs_side_effects(edits, attacks).set_index("method")
+    assert sorted(got.index) == ["ap", "flu"]
+    assert got.loc["flu", "side_effect"] == pytest.approx(0.2) and got.loc["ap", "attack_p_true"] == 0.4
