@@ -122,3 +122,15 @@ def test_robustness_vs_side_effects_pairs_each_method_with_its_change_from_base(
     got = robustness_vs_side_effects(edits, attacks).set_index("method")
     assert sorted(got.index) == ["ap", "flu"]
     assert got.loc["flu", "side_effect"] == pytest.approx(0.2) and got.loc["ap", "attack_p_true"] == 0.4
+
+
+def test_report_script_tables_come_from_the_metrics(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    report = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "report_results.py"))["report"]
+    write_metrics(tmp_path, "03_editing_and_unlearning", {"t.flu.forget.normal.p_true": 0.0123, "t.base.forget.normal.p_true": 0.61,
+                                                          "t.flu.lr": 3e-4, "seconds_total": 100.0})
+    text = report(tmp_path)
+    assert "03 editing: t" in text and "0.0123" in text and "0.0003" in text  # small numbers not rounded away
+    assert "| total" in text and "07 verdicts" not in text  # sections without results are left out
