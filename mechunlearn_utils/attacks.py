@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DATA_DIR
-from .edit import (edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss,
+from .edit import (answer_logprobs, edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss,
                    restore, snapshot)
 from .evals import EDIT_CANDIDATES, candidate_token_ids, unembed
 from .forward import last_token_hidden, prefix_hidden
@@ -340,10 +340,10 @@ def _answer_examples(model, prompts: list[str], answers: list[str]) -> dict:
 
 
 def _logp_answers(model, b: dict, idx, start: int, prefix) -> torch.Tensor:
-    """log p(answer) for rows `idx`: shared-token prefix (start 0) or frozen layers (start > 0)."""
-    h = last_token_hidden(model, b["input_ids"][idx], b["attention_mask"][idx], b["last_index"][idx], start,
-                          None if prefix is None else prefix[idx])
-    return torch.log_softmax(unembed(model, h).float(), -1).gather(1, b["answers"][idx][:, None])[:, 0]
+    """log p(answer) for rows `idx` (shared token prefix, and frozen layers below `start` when > 0)."""
+    rows = (b["input_ids"][idx], b["attention_mask"][idx], b["last_index"][idx], b["answers"][idx],
+            None if prefix is None else prefix[idx])
+    return answer_logprobs(model, rows, start)[0]
 
 
 def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.DataFrame,
