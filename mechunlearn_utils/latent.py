@@ -189,7 +189,8 @@ class LatentResult:
     features: dict = field(default_factory=dict)  # {method: {position: [layer, athlete, d]}}
     change: dict = field(default_factory=dict)  # {method: relative change of the final-token residual, per layer}
     first_layer: dict = field(default_factory=dict)  # {method: lowest layer the edit trained}
-    restore_max_abs_diff: float = 0.0
+    restore_rel_diff: float = 0.0  # largest relative change of a base residual re-read after the edits
+    weights_restored: bool = True  # every weight bit-identical after the edits (else latent_curves raises)
     probes: dict = field(default_factory=dict)
     probed: pd.DataFrame | None = None
 
@@ -212,9 +213,13 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
     """Probes trained on the base model, applied to the probed athletes of every edited model.
 
     Also checks each edit changes the probed residual stream (an edit that changes nothing is a
-    bug: raises) and that the base model is restored exactly afterwards.
+    bug: raises), that every weight is bit-identical afterwards (raises `WeightsChangedError`), and
+    that the base residuals read again agree within `EVAL_ATOL` (relative; float rounding only).
     """
     from .edit import edited
+    from .reproducibility import EVAL_ATOL, EvaluationDriftError, assert_weights_restored, weight_digests
+
+    digests = weight_digests(model)
 
     train, probed = probe_split(task, known)
     base_train = athlete_residuals(model, list(train.athlete), batch_size=batch_size, progress=progress)
@@ -225,7 +230,11 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
         with edited(model, path):
             feats[method] = athlete_residuals(model, list(probed.athlete), batch_size=batch_size)
     again = athlete_residuals(model, list(probed.athlete), batch_size=batch_size)
-    restore_diff = max(float(np.abs(again[p] - feats["base"][p]).max()) for p in POSITIONS)
+    assert_weights_restored(model, digests, f"the edits of {task.name}")
+    restore_diff = max(max(_relative_change(again[p], feats["base"][p])) for p in POSITIONS)
+    if restore_diff > EVAL_ATOL:
+        raise EvaluationDriftError(f"base residuals moved by {restore_diff:.3g} (relative) with the weights "
+                                   f"bit-identical: more than float rounding (EVAL_ATOL {EVAL_ATOL:g})")
     rows, change = [], {}
     for method, f in feats.items():
         if method != "base":
@@ -239,7 +248,7 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
                     rows += [dict(method=method, position=pos, label=label, layer=l, acc=float(a))
                              for l, a in enumerate(acc)]
     first = {m: first_edited_layer(p) for m, p in paths.items()}
-    return LatentResult(task.name, pd.DataFrame(rows), feats, change, first, restore_diff, probes, probed)
+    return LatentResult(task.name, pd.DataFrame(rows), feats, change, first, restore_diff, True, probes, probed)
 
 
 # --------------------------------------------------------------------------- summaries, plots, widget
@@ -267,7 +276,8 @@ def flat_metrics(result: LatentResult, n_layers: int) -> dict:
         out[f"{t}.{m}.resid_change_by_layer"] = v
         out[f"{t}.{m}.resid_change"] = v[-1]
         out[f"{t}.{m}.first_edited_layer"] = result.first_layer[m]
-    out[f"{t}.restore_max_abs_diff"] = result.restore_max_abs_diff
+    out[f"{t}.restore_rel_diff"] = result.restore_rel_diff
+    out[f"{t}.weights_restored"] = result.weights_restored
     out[f"{t}.n_probed"] = int(len(result.probed))
     out[f"{t}.methods"] = [m for m in result.features if m != "base"]
     return out

@@ -70,6 +70,7 @@ from mechunlearn_utils.evals import evaluate_task
 from mechunlearn_utils.localize import load_localizations
 from mechunlearn_utils.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.plotting import edit_summary_plot
+from mechunlearn_utils.reproducibility import assert_weights_restored, weight_digests
 from mechunlearn_utils.results import notebook_dir, read_metrics, save_figure, write_metrics
 from mechunlearn_utils.tasks import make_task, unrelated_facts
 
@@ -89,6 +90,7 @@ if SMOKE:
 
 # %%
 model = load_model(MODEL, DEVICE)
+digests = weight_digests(model)  # every base weight, checked bit for bit before the metrics are written
 athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
 setup = read_metrics(RESULTS_DIR, "00_setup")
 localizations = {kind: load_localizations(RESULTS_DIR, kind, model) for kind in ("sports", "counterfact")}
@@ -247,16 +249,25 @@ display(demo)
 edit_fact_widget(model, localizations["sports"], athletes, train_text)
 
 # %% [markdown]
+# Every edit, sweep setting and widget demo above trained the base weights in place and put them
+# back. The proof is the weights themselves, compared bit for bit with the digests taken at load:
+
+# %%
+assert_weights_restored(model, digests, "the edits, sweeps and widget demo of this notebook")
+print("base weights bit-identical after every edit:", True)
+
+# %% [markdown]
 # ## 8 · Metrics
 # `RESULTS_DIR/03_editing_and_unlearning/metrics.json` keys: `<task>.<method>.<measure>` for every
 # cell of the tables above (measures as in `evals.evaluate_task`, plus `train.*` timings), the
 # unedited model as method `base`, `<task>.<method>.lr` / `.forget_coef` (the settings used), and
 # `sweep.<task>.<method>.lr` / `.forget_coef` / `.forget_p_true` / `.maintain_p_true`: lists, one
-# entry per setting tried, best first.
+# entry per setting tried, best first; `weights_restored` (every base weight bit-identical at the end).
 
 # %%
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "steps": STEPS, "batch_size": BATCH_SIZE,
-           "lm_batch": LM_BATCH, "sweep_steps": SWEEP_STEPS if sweep_rows else 0, "sweep_forget_target": SWEEP_FORGET_TARGET}
+           "lm_batch": LM_BATCH, "sweep_steps": SWEEP_STEPS if sweep_rows else 0, "sweep_forget_target": SWEEP_FORGET_TARGET,
+           "weights_restored": True}  # the cell above raised otherwise
 for (name, method), row in table.iterrows():
     key = "base" if method == "(base)" else method
     metrics.update({f"{name}.{key}.{k}": float(v) for k, v in row.dropna().items()})

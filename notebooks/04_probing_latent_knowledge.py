@@ -94,7 +94,7 @@ pd.DataFrame({name: {"probed": len(t.eval_forget), "probe training": len(athlete
 # ## 2 · Probes on the base model, applied to every edited model
 # One batched forward per batch of prompts gives the residual stream after every block at both
 # positions (`output_hidden_states`; the activations of the base model are read once). Every edit
-# is checked to change the probed residual stream, and the base model to come back exactly.
+# is checked to change the probed residual stream, and the base weights to come back bit for bit.
 
 # %%
 results = {name: latent_curves(model, task, athletes, paths[name], C=PROBE_C, seed=SEED,
@@ -102,7 +102,8 @@ results = {name: latent_curves(model, task, athletes, paths[name], C=PROBE_C, se
 for name, res in results.items():
     print(f"{name}: relative change of the final-token residual at the last layer "
           + ", ".join(f"{m} {v[-1]:.3f} (from layer {res.first_layer[m]})" for m, v in res.change.items())
-          + f"; base restored exactly: {res.restore_max_abs_diff == 0.0}")
+          + f"; weights bit-identical afterwards: {res.weights_restored}, base residuals re-read within "
+          + f"{res.restore_rel_diff:.1g} (relative)")
 
 # %% [markdown]
 # ## 3 · The paper's Figure 4: probe accuracy by layer, one line per method
@@ -180,8 +181,8 @@ probe_widget(results)
 #   layer (n_layers // 2), the mean over layers >= the middle, the best layer;
 # * `<task>.<method>.resid_change_by_layer` / `.resid_change`: relative change of the final-token
 #   residual per layer / at the last layer (0 below the edit's lowest trained layer
-#   `<task>.<method>.first_edited_layer`, > 0 from it on), `<task>.restore_max_abs_diff` (0: the base
-#   model came back),
+#   `<task>.<method>.first_edited_layer`, > 0 from it on), `<task>.weights_restored` (every weight
+#   bit-identical after the edits), `<task>.restore_rel_diff` (base residuals re-read: <= EVAL_ATOL),
 #   `<task>.n_probed`, `<task>.methods`;
 # * `model`, `seed`, `smoke`, `n_layers`, `mid_layer`, `tasks`, `seconds_total`.
 

@@ -82,6 +82,7 @@ from mechunlearn_utils import attacks as A
 from mechunlearn_utils import load_model
 from mechunlearn_utils.data import load_general_text
 from mechunlearn_utils.notebook import known_athletes, start
+from mechunlearn_utils.reproducibility import assert_weights_restored, weight_digests
 from mechunlearn_utils.results import load_paper_results, metrics_long, save_figure, side_by_side, write_metrics
 from mechunlearn_utils.tasks import make_task
 
@@ -102,6 +103,7 @@ if SMOKE:
 
 # %%
 model = load_model(MODEL, DEVICE)
+digests = weight_digests(model)  # every base weight, checked bit for bit after all the attacks
 athletes = known_athletes(RESULTS_DIR)
 edits = A.find_edits(RESULTS_DIR, TASKS, METHODS)
 tasks = {t: make_task(t, athletes=athletes, **A.task_kwargs(A.edit_info(RESULTS_DIR, t, m))) for t, m in edits}
@@ -353,6 +355,14 @@ with pd.option_context("display.max_colwidth", 200):
 # language rows must be read against the base row: the edit trained in English only.
 
 # %% [markdown]
+# Every attack ran on an edited model put on the base weights and taken off again (LoRA adapters
+# removed, fine-tuned and quantized weights copied back). Checked on the weights, bit for bit:
+
+# %%
+assert_weights_restored(model, digests, "the edits and attacks of this notebook")
+print("base weights bit-identical after every attack:", True)
+
+# %% [markdown]
 # ## 11 · Metrics
 # `RESULTS_DIR/05_attacks/metrics.json` (flat; `<t>` a task, `<m>` a method, `base` the unedited model):
 #
@@ -371,12 +381,13 @@ with pd.option_context("display.max_colwidth", 200):
 # * `<t>.<m>.recovered.<attack>`: after attack minus after edit (the summary table)
 # * `verdict.<attack>.<t>`: "reproduced" / "mixed" / "not reproduced" / "not measured": does FLU's
 #   edit hold better than AP's and CT's under that attack (section 10)
-# * `seconds.<section>`, `seconds_total`, and the settings (`relearn_steps`, `lora_rank`, ...)
+# * `seconds.<section>`, `seconds_total`, and the settings (`relearn_steps`, `lora_rank`, ...);
+#   `weights_restored` (every base weight bit-identical after all attacks)
 
 # %%
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "relearn_steps": RELEARN_STEPS, "lora_rank": LORA_RANK,
            "lora_lr": LORA_LR, "full_lr": FULL_LR, "soft_prompt_steps": SOFT_PROMPT_STEPS, "restarts": RESTARTS,
-           "methods": sorted({m for _, m in edits}), **ours}
+           "methods": sorted({m for _, m in edits}), "weights_restored": True, **ours}  # checked above
 for (t, m), row in start_rows.items():
     metrics.update({f"{t}.{m}.edit.{k}_p_true": v for k, v in row.items()})
 for (t, m, v), r in relearned.items():

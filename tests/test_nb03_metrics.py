@@ -18,6 +18,7 @@ def test_every_method_has_every_measure(smoke_metrics):
                 v = m[f"{TASK}.{method}.{measure}.{fmt}.p_true"]
                 assert 0 <= v <= 1
         assert m[f"{TASK}.{method}.side.lm_loss"] > 0
+    assert m["weights_restored"] is True  # the notebook's bitwise weight check ran (it raises otherwise)
 
 
 def test_edits_take_in_the_training_format(smoke_metrics):

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from mechunlearn_utils.reproducibility import EVAL_ATOL
+
 pytestmark = pytest.mark.notebook
 
 POS = ("final", "subject")
@@ -44,10 +46,13 @@ def test_base_probes_read_the_sport_of_athletes_they_never_saw(m):
 
 def test_each_edit_changes_the_residual_exactly_from_its_first_layer(m):
     for t in m["tasks"]:
-        assert m[f"{t}.restore_max_abs_diff"] == 0.0, "the base model did not come back exactly"
+        assert m[f"{t}.weights_restored"] is True, "the base weights did not come back bit for bit"
+        assert 0 <= m[f"{t}.restore_rel_diff"] <= EVAL_ATOL  # re-read residuals: float rounding only
         for meth in m[f"{t}.methods"]:
             change = np.array(m[f"{t}.{meth}.resid_change_by_layer"])
             first = m[f"{t}.{meth}.first_edited_layer"]
+            # Same process, same inputs, same weights below the edit: these layers run the same kernels
+            # on the same bytes, so exact equality holds on any host (not a cross-host comparison).
             assert (change[:first] == 0).all(), f"{meth} changed layers below its first edited layer"
             assert change[first:].max() > 1e-3 and m[f"{t}.{meth}.resid_change"] == change[-1] > 0, meth
             for pos in POS:  # below the edit, the probes read exactly what they read on the base model

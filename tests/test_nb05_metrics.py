@@ -16,7 +16,7 @@ def m(smoke_metrics):
 
 
 def test_edits_found_and_took(m):
-    assert m["smoke"] is True
+    assert m["smoke"] is True and m["weights_restored"] is True  # the bitwise weight check ran
     assert {"flu", "ap"} <= set(m["methods"])
     base = m[f"{TASK}.base.edit.forget_p_true"]
     assert base > 0.5  # the forget athletes are ones the base model knows

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from mechunlearn_utils.reproducibility import EVAL_ATOL
+
 pytestmark = pytest.mark.notebook
 
 
@@ -14,7 +16,8 @@ def m(smoke_metrics):
 def test_settings_and_restore(m):
     assert m["task"] == "athletes_to_sport" and m["gen_format"] in ("mcq", "question")
     assert m["methods"] and set(m["methods"]) <= {"flu", "ap", "random"}
-    assert m["restore_gap"] == 0.0, "a mask was left on the model"
+    assert m["weights_restored"] is True, "a mask was left on the model"
+    assert 0 <= m["restore_gap"] <= EVAL_ATOL  # evaluations: float rounding only (reproducibility.py)
     assert 0 < m["forget_threshold"] < 1
 
 
