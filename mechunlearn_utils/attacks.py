@@ -713,19 +713,52 @@ def attack_verdicts(records: pd.DataFrame, flu: str = "flu", rivals=("ap", "ct")
 
 
 def relearn_curve_frame(results: dict) -> pd.DataFrame:
-    """Long table (task, method, variant, step, forget_p_true) from {(task, method, variant): RelearnResult}."""
-    rows = [dict(task=t, method=m, variant=v, step=s, forget_p_true=p)
-            for (t, m, v), r in results.items() for s, p in zip(r.steps, r.forget_p_true)]
+    """Long table (task, method, variant, step, forget_p_true, train_p_true) from
+    {(task, method, variant): RelearnResult}: the held-out half and the half relearning trained on."""
+    rows = [dict(task=t, method=m, variant=v, step=s, forget_p_true=p, train_p_true=q)
+            for (t, m, v), r in results.items() for s, p, q in zip(r.steps, r.forget_p_true, r.train_p_true)]
     return pd.DataFrame(rows)
 
 
+def control_check(curves: pd.DataFrame, control: str = "extraction", variant: str = "relearn_lora",
+                  min_gain: float = 0.2) -> dict:
+    """Positive control of the relearning attack, per task: does the control localization's edit
+    (an extraction-stage edit, which the paper's account predicts is shallow) come back on the
+    held-out half? ``{task: {"start", "end", "gain", "attack_has_power", "line"}}``. When no edit,
+    the control included, regains `min_gain`, the attack may be too weak to tell localizations apart.
+    Tasks without the control give ``attack_has_power=None``."""
+    out = {}
+    for task, g in curves[curves.variant == variant].groupby("task", sort=False):
+        c = g[g.method == control].sort_values("step")
+        if c.empty:
+            out[task] = dict(start=None, end=None, gain=None, attack_has_power=None,
+                             line=f"{task}: no {control!r} edit, so the attack has no positive control here")
+            continue
+        start, end = float(c.forget_p_true.iloc[0]), float(c.forget_p_true.iloc[-1])
+        gain = end - start
+        best = g.groupby("method").apply(lambda d: d.sort_values("step").forget_p_true.iloc[-1]
+                                         - d.sort_values("step").forget_p_true.iloc[0], include_groups=False)
+        power = bool(best.max() >= min_gain)
+        line = (f"{task}: the control ({control}) goes from {start:.3f} to {end:.3f} held-out p(true) "
+                f"({gain:+.3f}); largest regain of any edit {best.max():+.3f} ({best.idxmax()}). ")
+        line += ("The attack can bring an edit back, so a low curve means the edit resisted it."
+                 if power else f"No edit regains {min_gain}: the attack may be too weak here to tell the "
+                 "localizations apart, so read the relearning rows with that caveat.")
+        out[task] = dict(start=start, end=end, gain=gain, attack_has_power=power, line=line)
+    return out
+
+
 def plot_relearn_curves(curves: pd.DataFrame, title: str = ""):
-    """One panel per relearning variant: held-out forget p_true against step, a line per method."""
+    """One panel per relearning variant: forget p_true against step, a line per method; solid the
+    held-out half, dashed the half relearning trained on."""
     import seaborn as sns
 
-    grid = sns.relplot(curves, x="step", y="forget_p_true", hue="method", col="variant", row="task",
+    long = curves.melt(id_vars=["task", "method", "variant", "step"], value_vars=["forget_p_true", "train_p_true"],
+                       var_name="half", value_name="p_true")
+    long["half"] = long.half.map({"forget_p_true": "held-out", "train_p_true": "trained on"})
+    grid = sns.relplot(long, x="step", y="p_true", hue="method", style="half", col="variant", row="task",
                        kind="line", marker="o", height=3, facet_kws=dict(sharex=False))
-    grid.set(ylim=(0, 1), ylabel="held-out forget p(true)")
+    grid.set(ylim=(0, 1), ylabel="forget p(true)")
     grid.set_titles("{row_name}: {col_name}")
     grid.figure.suptitle(title, y=1.04)
     return grid.figure

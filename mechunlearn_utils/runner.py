@@ -28,6 +28,7 @@ CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) f
 DEPENDS_ON = {
     "01_factual_recall_circuits": ["00_setup"],
     "02_localization": ["00_setup"],
+    "02b_depth_sweep": ["00_setup", "02_localization"],
     "03_editing_and_unlearning": ["00_setup", "02_localization"],
     "04_probing_latent_knowledge": ["03_editing_and_unlearning"],
     "05_attacks": ["03_editing_and_unlearning"],
@@ -51,9 +52,12 @@ class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook, the cell and the error."""
 
 
+NOTEBOOK_GLOBS = ("[0-9][0-9]_*.py", "[0-9][0-9][a-z]_*.py")  # 02_..., and 02b_... between 02 and 03
+
+
 def notebook_stems() -> list[str]:
-    """Numbered notebooks in order (from the .py sources)."""
-    return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+    """Numbered notebooks in order (from the .py sources): "02_x" < "02b_y" < "03_z" as strings."""
+    return sorted({p.stem for g in NOTEBOOK_GLOBS for p in NOTEBOOK_DIR.glob(g)})
 
 
 def _cell_source(nb_path: Path, exec_count) -> str:

@@ -34,7 +34,7 @@ SEED = 0
 SMOKE = False  # True: a small subset, for CI
 ATHLETES_CSV = "default"  # "paper" reads ../shared/data/paper/sports.csv
 COUNTERFACT_CSV = "default"  # "paper" reads ../shared/data/paper/counterfact_gemma-7b.csv
-MIN_P_ATHLETE = 0.2  # keep athletes whose sport ranks first with at least this probability
+MIN_P_ATHLETE = 0.5  # keep athletes whose p(right sport token) reaches this; the paper: about 0.5
 MIN_P_FACT = 0.1  # keep facts whose true object beats the new one with at least this probability
 RESULTS_DIR = ""  # "" -> <repo>/results
 
@@ -135,14 +135,17 @@ ax.set(xlabel="p(right sport token), normal format", title=f"{MODEL}: sport reca
 save_figure(fig, RESULTS_DIR, STEM, "athlete_recall_hist")
 
 # %% [markdown]
-# Keep the athletes the model knows (cached per model and data file, so later runs are instant),
-# and save them for every later notebook.
+# Keep the athletes the model knows, as the paper does: p(right sport token) >= MIN_P_ATHLETE
+# (0.5 by default; with three sports that also makes the sport rank first). Cached per model and
+# data file, so later runs are instant, and saved for every later notebook. Counts per sport:
 
 # %%
 known = filter_known_athletes(model, athletes, min_prob=MIN_P_ATHLETE)
 known.to_csv(OUT / KNOWN_ATHLETES_FILE, index=False)
-print(f"{len(known)} of {len(athletes)} athletes known at p >= {MIN_P_ATHLETE}:",
-      known.sport.value_counts().to_dict())
+known_counts = pd.DataFrame({"known": known.sport.value_counts(),
+                             "total": athletes.sport.value_counts()}).fillna(0).astype(int)
+print(f"{len(known)} of {len(athletes)} athletes known at p_correct >= {MIN_P_ATHLETE}")
+known_counts
 
 # %% [markdown]
 # ## 5 · CounterFact-style facts
@@ -189,7 +192,8 @@ print(f"MCQ accuracy {recall['mcq']['accuracy']:.3f} vs chance {chance_mcq}: "
 # ## 7 · Metrics
 # Keys written to `RESULTS_DIR/00_setup/metrics.json`:
 # `recall.<format>.accuracy` / `.mean_p_norm` / `.accuracy.<sport>` (athletes, all formats),
-# `athletes.n_total`, `athletes.n_known`, `athletes.n_known.<sport>`, `athletes.min_p`,
+# `athletes.n_total`, `athletes.n_known`, `athletes.n_known.<sport>`, `athletes.n_total.<sport>`,
+# `athletes.min_p` (the p_correct threshold),
 # `facts.n_total`, `facts.n_known`, `facts.min_p`, `cf_recall.<format>.accuracy` / `.mean_p_norm`,
 # `mcq_usable`, `lens_max_logit_gap`, `load_seconds`, `seconds_total`.
 
@@ -205,6 +209,7 @@ metrics.update({"athletes.n_total": len(athletes), "athletes.n_known": len(known
                 "athletes.min_p": MIN_P_ATHLETE, "facts.n_total": len(facts),
                 "facts.n_known": len(known_facts), "facts.min_p": MIN_P_FACT,
                 "mcq_usable": bool(mcq_above_chance)})
-metrics.update({f"athletes.n_known.{s}": int(n) for s, n in known.sport.value_counts().items()})
+metrics.update({f"athletes.n_known.{s}": int(n) for s, n in known_counts.known.items()})
+metrics.update({f"athletes.n_total.{s}": int(n) for s, n in known_counts.total.items()})
 metrics["seconds_total"] = time.perf_counter() - t_start
 write_metrics(RESULTS_DIR, STEM, metrics)

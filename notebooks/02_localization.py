@@ -23,13 +23,19 @@
 #   **causal tracing (CT)** (noise the subject, restore one component at a time) and
 #   **attribution patching (AP)** (a gradient-based, linear estimate of activation patching).
 # * **Fact lookup (FLU, "manual")**: find *where the attribute is looked up*. Linear probes show
-#   at which layer the sport becomes readable at the athlete's last token; path patching finds
-#   the *extraction heads* that carry it to the answer and the MLPs that feed them.
-# * **Baselines**: random matrices, random MLP layers, all MLPs, and everything (nonlocalized).
+#   at which layer the sport becomes readable from the athlete's name alone; the paper's FLU is
+#   the contiguous range of early MLPs that ends there. Path patching finds the *extraction
+#   heads* that carry the sport to the answer and checks that the FLU MLPs feed them.
+# * **Baselines**: random matrices, random MLP layers, all MLPs, and everything (nonlocalized);
+#   and a positive control, **extraction**: as many MLPs as FLU, from the extraction heads' layer on.
 #
-# All methods are **parameter-matched** to FLU: OT methods rank layers and add whole weight
-# matrices until they hold as many parameters as the FLU MLPs. The paper finds FLU in
-# early/mid MLPs and OT methods in late layers; here we check that on a 270M-parameter model.
+# All methods are **parameter-matched** to FLU: OT methods rank layers and add whole units
+# (attention: q, k, v, o; MLP: gate, up, down) until they hold as many parameters as the FLU MLPs.
+# Every method follows the authors' code (github.com/magikarp01/mechanistic-unlearning; each
+# library function names the file); the workbook's earlier choices stay available as variants
+# (`ap_abs`, `ct_abs`, `ct_few`, `flu_pp`), and section 8 shows how far each choice moves the
+# localization. The paper finds FLU in early MLPs and OT methods in late layers; here we check
+# that on a 270M-parameter model.
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
@@ -38,15 +44,20 @@ SEED = 0
 SMOKE = False  # True: few facts, one noise sample (CI)
 RESULTS_DIR = ""  # "" -> <repo>/results
 TASKS = ["sports", "counterfact"]
-N_FACTS = 48  # facts per task for AP (athletes balanced over the sports)
-FLU_FACTS = 24  # the first facts of those, for FLU path patching (a row per MLP and fact)
-CT_FACTS = 6  # the first facts, for causal tracing (a row per component, fact and noise sample)
-CT_NOISE_SAMPLES = 2
-CT_NOISE_SCALE = 3.0  # noise std: this times the std of the subject-token embeddings
+N_FACTS = 80  # facts per task for AP (the paper: 80 athletes), balanced over the sports
+FLU_FACTS = 24  # the first facts of those, for path patching (a row per MLP and fact)
+CT_FACTS = 6  # the first facts, for causal tracing: the paper uses 80, see section 4
+CT_FEW_FACTS = 2  # the `ct_few` variant: CT from only the first facts of those
+CT_NOISE_SAMPLES = 1  # the paper: one noise draw
+CT_NOISE_SCALE = 3.0
+CT_NOISE_RULE = "paper_sqrt"  # noise sd sqrt(3 x std), the paper's code; "scale_std": 3 x std
 PROBE_FACTS = 0  # athletes for the probes (0: every known athlete)
 AGREEMENT_FACTS = 12  # AP vs real activation patching: facts ...
 AGREEMENT_COMPONENTS = 12  # ... and components compared
-FLU_THRESHOLD = 0.05  # an MLP is FLU when its path-patching effect reaches this
+FLU_START = 2  # first FLU MLP: the paper's Gemma models start at MLP 2
+SATURATION_RULE = "plateau"  # where the name-only probe saturates: "plateau" or "max" (section 2)
+SATURATION_TOL = 0.02  # plateau: a gain below this over the next 2 layers; max: distance to the best
+FLU_THRESHOLD = 0.05  # flu_pp: an MLP is selected when its path-patching effect reaches this
 HEAD_THRESHOLD = 0.05  # a head is an extraction head when its direct effect reaches this
 FLU_LAYERS = None  # hand-given FLU MLP layers, e.g. {"sports": [2, 3, 4]} (skips the search)
 BACKEND = "tl"  # "tl" (TransformerLens hooks) or "nnsight": same numbers, see section 6
@@ -74,7 +85,7 @@ STEM = "02_localization"
 t_start = time.perf_counter()
 RESULTS_DIR = start(SEED, RESULTS_DIR)
 if SMOKE:
-    N_FACTS, FLU_FACTS, CT_FACTS, CT_NOISE_SAMPLES = 8, 8, 2, 1
+    N_FACTS, FLU_FACTS, CT_FACTS, CT_FEW_FACTS, CT_NOISE_SAMPLES = 8, 8, 2, 1, 1
     AGREEMENT_FACTS, AGREEMENT_COMPONENTS, PROBE_FACTS = 6, 6, 45
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "backend": BACKEND}
 
@@ -99,7 +110,7 @@ for t, f in facts.items():
 # athlete's **last token**, cross-validated. Two inputs: the full prompt, and the name alone
 # (BOS + name): with no "plays the sport of" in context, a probe on the name alone can only
 # succeed if the MLPs *looked the sport up* from the name. The paper: the name-only probe is
-# near perfect by layers 3-4 of Gemma-7B.
+# near perfect by layers 3-4 of Gemma-7B, and its FLU range for Gemma-7B is MLPs 2-7.
 
 # %%
 probe_set = athletes if not PROBE_FACTS else lz.balanced_sample(athletes, PROBE_FACTS, "sport", SEED)
@@ -118,8 +129,31 @@ probe_seconds = time.perf_counter() - t0
 # %%
 fig = plot_probe_curves(probe_acc, chance=1 / 3, title=f"{MODEL}: sport probes ({len(names)} athletes, "
                         f"{folds}-fold CV)")
+saturation = lz.probe_saturation_layer(probe_acc["name only"], SATURATION_TOL, SATURATION_RULE)
+fig.axes[0].axvline(saturation, ls="--", c="k", lw=1)
 save_figure(fig, RESULTS_DIR, STEM, "probe_accuracy")
 pd.DataFrame(probe_acc).T.round(2)
+
+# %% [markdown]
+# **The paper's FLU range.** The FLU MLPs run from FLU_START (the paper's Gemma start, MLP 2: the
+# first blocks' attention gathers the name's tokens first) to the layer where the name-only probe
+# *saturates* (dashed line above), inclusive; the probe reads the residual stream *after* each
+# block, so that layer's MLP has already written there. Saturation, precisely
+# (`lz.probe_saturation_layer`): with SATURATION_RULE = "plateau", the first layer at least
+# halfway from layer 0's accuracy to the best one after which the probe gains less than
+# SATURATION_TOL over the next two layers (where the early rise stops); with "max", the first
+# layer within SATURATION_TOL of the best accuracy. They differ when the curve rises twice: on
+# gemma-3-270m the name-only probe climbs again at the extraction layers, which "max" would
+# fold into the lookup range. Both are printed.
+
+# %%
+flu_range = lz.flu_range(probe_acc["name only"], FLU_START, SATURATION_TOL, SATURATION_RULE)
+acc_no = probe_acc["name only"]
+sat_max = lz.probe_saturation_layer(acc_no, SATURATION_TOL, "max")
+print(f"name-only probe: best {max(acc_no):.2f}; saturates ({SATURATION_RULE}) at layer {saturation} "
+      f"({acc_no[saturation]:.2f}); FLU MLPs {flu_range}"
+      + (" (saturated before FLU_START: one MLP)" if saturation < FLU_START else "")
+      + f"; the 'max' rule would say layer {sat_max}")
 
 # %% [markdown]
 # CounterFact has one relation per handful of facts and many distinct answers, too few examples
@@ -127,17 +161,19 @@ pd.DataFrame(probe_acc).T.round(2)
 #
 # ## 3 · Attribution patching (AP)
 # For each batch: one clean forward+backward and one forward with the subject's tokens replaced
-# by random tokens. Score of a component = gradient x (corrupted - clean activation), summed over
-# positions, normalized by the drop in logit difference (right answer minus the other
-# candidates). A score near -1 means "patching this component alone would remove the effect".
-# Three passes per batch, however many components we score.
+# by random ASCII tokens that keep the prompt's tokenized length (as the paper's
+# `create_masks.py`). Score of a component (each head's q, k, v and output; each MLP's input
+# and output; the gate activations too, for the `ap_abs` variant) = gradient x (corrupted - clean
+# activation), summed over positions, normalized by the drop in logit difference (right answer
+# minus the other candidates). Three passes per batch, however many components we score.
 
 # %%
 ap = {t: lz.attribution_patching(model, f, BATCH_SIZE, BACKEND, SEED, progress=True)
       for t, f in facts.items()}
 for t, r in ap.items():
-    print(f"{t}: {r.seconds:.1f} s, {r.passes}; logit diff clean {r.info['ld_clean']:.2f} "
-          f"-> corrupted {r.info['ld_corrupt']:.2f}")
+    print(f"{t}: {r.info['n_facts']} facts, {r.seconds:.1f} s, {r.passes}; logit diff clean "
+          f"{r.info['ld_clean']:.2f} -> corrupted {r.info['ld_corrupt']:.2f}; prompts whose corruption "
+          f"changed the tokenized length: {r.info['corruption_stats']['n_length_mismatch']}")
 
 # %% [markdown]
 # Is the linear estimate any good? We patch a handful of components for real (half the
@@ -156,15 +192,20 @@ pd.concat({t: pd.DataFrame({"AP": a["ap"], "patching": a["patching"]}, index=a["
 
 # %% [markdown]
 # ## 4 · Causal tracing (CT)
-# Gaussian noise (3 x the std of the subject-token embeddings) on the subject's embeddings
-# destroys the fact; restoring one component's clean output (each MLP, each attention head)
-# recovers some of p(right answer). Score = (p_restored - p_noised) / (p_clean - p_noised),
-# averaged over facts and noise samples. One batch row per (fact, sample, component): far
-# more passes than AP.
+# Gaussian noise on the subject's embeddings destroys the fact (the paper's code draws it with
+# sd sqrt(3 x std of the subject-token embeddings): CT_NOISE_RULE); restoring one component's
+# clean output (each MLP, each attention head's result) recovers some of p(right answer).
+# Score = (p_restored - p_noised) / (p_clean - p_noised), averaged over facts and noise samples.
+#
+# One batch row per (fact, sample, component), 1 + 18 x (4 heads + 1 MLP) = 91 rows per fact
+# on gemma-3-270m. **Deviation from the paper (80 facts):** measured on this project's 2 shared
+# CPU cores, a restored row costs 0.3-0.45 s, so 80 facts (7,280 rows) take 40-55 minutes; the
+# default CT_FACTS = 6 (546 rows, about 3-4 minutes) is what fits in ~3 minutes. Set CT_FACTS = 80
+# on a GPU. Section 8 shows how much the fact count moves CT (`ct` against `ct_few`).
 
 # %%
 ct = {t: lz.causal_tracing(model, f.subset(range(min(CT_FACTS, len(f)))), CT_NOISE_SCALE, CT_NOISE_SAMPLES,
-                           64, BACKEND, SEED, progress=True) for t, f in facts.items()}
+                           64, BACKEND, SEED, progress=True, noise_rule=CT_NOISE_RULE) for t, f in facts.items()}
 for t, r in ct.items():
     print(f"{t}: {r.seconds:.1f} s, {r.passes}; p clean {r.info['p_clean']:.3f} -> noised "
           f"{r.info['p_corrupt']:.3f} ({r.info['n_items_used']} items)")
@@ -182,13 +223,17 @@ for t in facts:
     plt.show()
 
 # %% [markdown]
-# ## 5 · Fact lookup (FLU) by path patching
+# ## 5 · Path patching: extraction heads, and does it support the FLU range?
 # 1. **Extraction heads**: each head's corrupted output replaces its clean output only on the
 #    *direct* path to the final residual stream. Heads with effect >= HEAD_THRESHOLD move the
 #    attribute to the answer position.
 # 2. **Lookup MLPs**: each earlier MLP's corrupted output (at the subject's tokens) replaces its
-#    clean one only in the input of the lowest extraction-head layer. MLPs with effect >=
-#    FLU_THRESHOLD are the FLU localization (or give FLU_LAYERS by hand).
+#    clean one only in the input of the lowest extraction-head layer. The MLPs with effect >=
+#    FLU_THRESHOLD are the variant `flu_pp` (the workbook's earlier FLU).
+#
+# The FLU localization itself is the probe range of section 2 for sports (the paper's "manual"
+# MLPs). CounterFact has no probe here, so its FLU is the path-patching selection (the paper also
+# chose its CounterFact MLPs by path patching).
 
 # %%
 flu = {t: lz.flu_search(model, f.subset(range(min(FLU_FACTS, len(f)))), FLU_THRESHOLD, HEAD_THRESHOLD,
@@ -197,6 +242,15 @@ flu = {t: lz.flu_search(model, f.subset(range(min(FLU_FACTS, len(f)))), FLU_THRE
 for t, r in flu.items():
     print(f"{t}: FLU MLP layers {r.layers} (threshold {r.threshold}); extraction heads "
           f"{r.extraction_heads} -> receiver layer {r.extraction_layer}; {r.seconds:.1f} s, {r.passes}")
+
+# %% [markdown]
+# Does path patching support the probe range? The share of the MLPs' positive path-patching
+# effect that the FLU range holds (1 = every MLP that feeds the extraction heads is in it):
+
+# %%
+flu_layers = {t: (FLU_LAYERS or {}).get(t) or (flu_range if t == "sports" else flu[t].layers) for t in facts}
+support = {t: lz.range_support(flu[t].mlp_effect, flu_layers[t]) for t in facts if not flu[t].hand_given}
+pd.DataFrame(support).T.assign(flu=[str(flu_layers[t]) for t in support], flu_pp=[str(flu[t].layers) for t in support])
 
 # %%
 for t, r in flu.items():
@@ -238,16 +292,26 @@ print(f"largest |AP score difference| between backends: {tl_nn_gap:.2e}; seconds
 
 # %% [markdown]
 # ## 7 · Localizations, parameter-matched to FLU
-# FLU trains whole MLPs (gate, up, down) of its layers. CT and AP rank (layer, attention|MLP)
-# units by their summed |score| and add whole matrices until the FLU parameter count is
-# reached; "_mlp" variants rank MLPs only. Random baselines use the same budget (random
-# matrices) or the same number of MLP layers.
+# FLU trains whole MLPs (gate, up, down) of its layers. CT and AP score a layer's attention by
+# |sum of its heads' signed scores| and its MLP by |mlp_in + mlp_out| (CT: |sum of head scores|,
+# |MLP score|), rank the units by that and add whole units until the FLU parameter count is
+# reached; "_mlp" variants rank MLPs only. `random` draws q, k, v, o, up, down matrices (no
+# gate, as the paper) to the same budget; `random_mlps` as many MLP layers as FLU; `nonlocalized`
+# every attention and MLP matrix (no norms). `extraction` (the positive control): as many MLPs as
+# FLU, from the lowest extraction-head layer on.
 
 # %%
-locs = {t: lz.all_localizations(model, t, lz.flu_localization(model, flu[t], t), ct[t], ap[t], SEED)
-        for t in facts}
+ext_layer = {t: min(l for l, _ in flu[t].extraction_heads) if flu[t].extraction_heads else None for t in facts}
+locs = {}
 for t in facts:
-    print(f"--- {t}")
+    few = ct[t].subset(range(min(CT_FEW_FACTS, len(ct[t].per_item["p_clean"]))))
+    flu_loc = lz.flu_localization(model, flu[t], t, layers=flu_layers[t], meta=dict(
+        start=FLU_START, saturation_layer=saturation if t == "sports" else None, support=support.get(t)))
+    variants = {"flu_pp": lz.flu_localization(model, flu[t], t, "flu_pp"),
+                "ct_few": lz.localization_from_scores(model, "ct_few", few.layer_scores(), flu_loc.n_params, t,
+                                                      meta=dict(info=few.info))}
+    locs[t] = lz.all_localizations(model, t, flu_loc, ct[t], ap[t], SEED, ext_layer[t], variants)
+    print(f"--- {t}: FLU = {lz.decoder_fraction(model, flu_loc):.1%} of the decoder's attention + MLP weights")
     display(lz.summary_table(locs[t]))
 
 # %% [markdown]
@@ -276,7 +340,39 @@ save_figure(fig, RESULTS_DIR, STEM, "overlap")
 plt.show()
 
 # %% [markdown]
-# ## 8 · Explore: what does a method localize?
+# ## 8 · How far does each design choice move the localization?
+# Each panel: the per-layer score a choice ranks by, for the default (the paper's) and the
+# variant (the workbook's earlier choice), each scaled to its maximum; squares: the layers each
+# one trains. AP aggregation (|signed sum| vs sum of |score|), CT from CT_FACTS vs CT_FEW_FACTS
+# facts, FLU from the probe range vs the path-patching threshold. The reading under it is
+# computed from the localizations.
+
+# %%
+PAIRS = {"AP aggregation": ("ap", "ap_abs"), "CT aggregation": ("ct", "ct_abs"), "CT facts": ("ct", "ct_few"),
+         "FLU selection": ("flu", "flu_pp"), "OT vs FLU (AP)": ("flu", "ap"), "control vs FLU": ("flu", "extraction")}
+t = TASKS[0]
+L_, ls = locs[t], {m: locs[t][m].scores["layer_scores"] for m in ("ap", "ap_abs", "ct", "ct_few")}
+curves = {"AP: MLP score": {"ap": ls["ap"]["mlp"], "ap_abs": ls["ap_abs"]["mlp"]},
+          "AP: attention score": {"ap": ls["ap"]["attn"], "ap_abs": ls["ap_abs"]["attn"]},
+          "CT: MLP score": {f"ct ({CT_FACTS} facts)": ls["ct"]["mlp"], f"ct_few ({CT_FEW_FACTS})": ls["ct_few"]["mlp"]},
+          "FLU: probe vs path patching": {"name-only probe": np.asarray(probe_acc["name only"]) - 1 / 3,
+                                          "MLP path patching": np.zeros(1) if flu[t].hand_given else flu[t].mlp_effect}}
+sel = {"AP: MLP score": {"ap": L_["ap"].mlp_layers, "ap_abs": L_["ap_abs"].mlp_layers},
+       "AP: attention score": {"ap": L_["ap"].attn_layers, "ap_abs": L_["ap_abs"].attn_layers},
+       "CT: MLP score": {k: L_[m].mlp_layers for k, m in zip(curves["CT: MLP score"], ("ct", "ct_few"))},
+       "FLU: probe vs path patching": {"name-only probe": L_["flu"].mlp_layers, "MLP path patching": L_["flu_pp"].mlp_layers}}
+fig = lz.plot_design_choices(curves, sel, model.n_layers, f"{t}: how far each design choice moves the localization")
+save_figure(fig, RESULTS_DIR, STEM, "design_choices")
+plt.show()
+
+# %%
+design = {t: lz.compare_localizations(PAIRS, locs[t], model.n_layers, model) for t in facts}
+for t in facts:
+    print(f"--- {t}\n" + "\n".join(lz.design_choice_reading(design[t], model.n_layers)))
+design[TASKS[0]].round(2)
+
+# %% [markdown]
+# ## 9 · Explore: what does a method localize?
 # Pick a method and a fact set. (Under papermill the default renders statically.)
 
 # %%
@@ -286,12 +382,13 @@ def show_localization(method=WIDGET_METHOD, task=TASKS[0]):
 
 
 show_localization()
-display(widgets.interactive(show_localization, method=widgets.Dropdown(options=list(lz.METHODS), value=WIDGET_METHOD),
+display(widgets.interactive(show_localization, method=widgets.Dropdown(options=list(locs[TASKS[0]]), value=WIDGET_METHOD),
                             task=widgets.Dropdown(options=list(facts), value=TASKS[0])))
 
 # %% [markdown]
-# ## 9 · Save for notebook 03
-# One JSON file per task and method under `RESULTS_DIR/02_localization/localizations/<task>/`:
+# ## 10 · Save for notebook 03
+# One JSON file per task and method (the defaults and the variants, so METHODS in 03-05 can name
+# any of them) under `RESULTS_DIR/02_localization/localizations/<task>/`:
 # parameter names, count, the scores and how it was made. `Localization.load(RESULTS_DIR, task,
 # method, model)` checks the file against the model before training.
 
@@ -303,21 +400,27 @@ for t in facts:
 print(f"saved {len(saved)} localizations under {saved[0].parent.parent}")
 
 # %% [markdown]
-# ## 10 · How this compares with the paper
+# ## 11 · How this compares with the paper
 # The paper (Gemma-7B, Gemma-2-9B, Llama-3-8B) finds the lookup in early/mid MLPs (Gemma-7B
 # layers 2-7, about 7-25% of depth) and OT localizations in late layers (Gemma-7B AP MLPs
 # 21-27). Mean layer of each localization's matrices as a fraction of depth (0 = first layer,
 # 1 = last), over all its matrices, its MLP matrices and its attention matrices:
 
 # %%
-depth = {t: lz.depth_table({m: locs[t][m] for m in ("flu", "ct", "ap", "ct_mlp", "ap_mlp", "random")},
+depth = {t: lz.depth_table({m: locs[t][m] for m in ("flu", "ct", "ap", "ct_mlp", "ap_mlp", "random", "extraction")},
                            model.n_layers) for t in facts}
 pd.concat(depth, axis=1).round(2)
 
 # %% [markdown]
 # The paper's claims, checked on these numbers (True = reproduced here): FLU sits in the first
 # half; AP / CT (and their MLP-only variants) sit later than FLU; OT methods train the attention
-# of the extraction layers (the paper's explanation of why OT edits do not generalize).
+# of the extraction layers (the paper's explanation of why OT edits do not generalize). Where the
+# faithful methods land on this model:
+
+# %%
+for t in facts:
+    print(f"{t}: " + "; ".join(f"{m} MLPs {lz._ranges(locs[t][m].mlp_layers)} attn {lz._ranges(locs[t][m].attn_layers)}"
+                               for m in ("flu", "ap", "ct", "ap_mlp", "ct_mlp", "extraction")))
 
 # %%
 claims = {}
@@ -343,12 +446,12 @@ pd.DataFrame(claims)
 # the reference run on gemma-3-270m found.
 
 # %% [markdown]
-# ## 11 · Metrics
+# ## 12 · Metrics
 # Keys written to `RESULTS_DIR/02_localization/metrics.json` (`<task>` is `sports` or
 # `counterfact`; `<method>` one of flu, ct, ap, ct_mlp, ap_mlp, random, random_mlps, all_mlps,
-# nonlocalized):
+# nonlocalized, extraction and the variants flu_pp, ap_abs, ct_abs, ct_few):
 #
-# * `<task>.<method>.mlp_layers` / `.attn_layers` (lists), `.n_params`, `.n_matrices`,
+# * `<task>.<method>.mlp_layers` / `.attn_layers` (lists: the layers a method trains), `.n_params`, `.n_matrices`,
 #   `.seconds`, `.forward_passes`, `.backward_passes`, `.forward_sequences` (cost of making it:
 #   0 for baselines; FLU = path patching, probes counted separately)
 # * `<task>.n_facts` (AP), `<task>.ct.n_facts`, `<task>.ct.noise_samples`, `<task>.ct.noise_scale`,
@@ -357,7 +460,16 @@ pd.DataFrame(claims)
 # * `<task>.ap.agreement.pearson` / `.spearman` / `.n_components` / `.components` (AP vs real
 #   activation patching)
 # * `<task>.ct.layer_attn` / `.layer_mlp`, `<task>.ap.layer_attn` / `.layer_mlp` (per-layer
-#   |score| sums the ranking uses)
+#   scores the ranking uses, the paper's |signed sum|) and `<task>.ap_abs.*` / `<task>.ct_abs.*`
+#   (sum of |score|); `<task>.ct.noise_rule`, `<task>.ap.corruption_length_mismatch`
+# * `sports.probe.saturation_layer` (where the name-only probe saturates, by
+#   `sports.probe.saturation_rule` with `sports.probe.saturation_tol`; section 2),
+#   `sports.probe.saturation_layer_max_rule`, `sports.flu.start`, `<task>.flu.decoder_fraction`
+#   (FLU parameters / all attention + MLP matrices), `<task>.flu.support.share_of_positive` /
+#   `.effect_inside` / `.effect_outside` (path patching of the FLU range),
+#   `<task>.extraction_heads.min_layer` (lowest layer holding an extraction head; also
+#   `sports.extraction_heads.min_layer`)
+# * `<task>.design.<choice>.jaccard` / `.depth_shift` (section 8; choice names with spaces as `_`)
 # * `<task>.flu.threshold`, `.head_threshold`, `.extraction_layer`, `.extraction_heads` ("l.h"),
 #   `.mlp_effect`, `.hand_given`, `<task>.budget` (= FLU parameter count)
 # * `<task>.depth.<method>.all` / `.mlp` / `.attn` (mean layer of the localization's matrices /
@@ -383,10 +495,19 @@ for t in facts:
     metrics.update({f"{t}.depth.{m}.{b}": float(v) for m, row in depth[t].iterrows()
                     for b, v in row.items() if np.isfinite(v)})
     metrics.update({f"{t}.claim.{k}": bool(v) for k, v in claims[t].items()})
+    metrics[f"{t}.flu.decoder_fraction"] = lz.decoder_fraction(model, locs[t]["flu"])
+    metrics.update({f"{t}.flu.support.{k}": v for k, v in support.get(t, {}).items()})
+    metrics[f"{t}.extraction_heads.min_layer"] = ext_layer[t]
+    for choice, r in design[t].iterrows():
+        key = f"{t}.design.{choice.replace(' ', '_')}"
+        metrics.update({f"{key}.jaccard": float(r["jaccard"]), f"{key}.depth_shift": float(r["depth shift"])})
 
 # %%
 metrics.update({"sports.probe.full_prompt": probe_acc["full prompt"], "sports.probe.name_only": probe_acc["name only"],
                 "sports.probe.n_athletes": len(names), "sports.probe.folds": folds,
+                "sports.probe.saturation_layer": saturation, "sports.probe.saturation_tol": SATURATION_TOL,
+                "sports.probe.saturation_rule": SATURATION_RULE, "sports.probe.saturation_layer_max_rule": sat_max,
+                "sports.flu.start": FLU_START,
                 "sports.probe.seconds": probe_seconds, "sports.probe.forward_passes": probe_counter.forward,
                 "sports.probe.forward_sequences": probe_counter.forward_sequences,
                 "tl_vs_nnsight.ap_max_abs_diff": tl_nn_gap, "n_layers": model.n_layers,

@@ -35,9 +35,9 @@ SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
 TASKS = ["sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport"]
-# The paper's comparison plus the two baselines that bound it; [] -> all nine localizations of
-# notebook 02 (adds ap_mlp, ct_mlp, random_mlps, all_mlps: about 1.8x the time).
-METHODS = ["flu", "ap", "ct", "random", "nonlocalized"]
+# The paper's comparison, the two baselines that bound it, and the extraction-stage positive control;
+# [] -> every localization notebook 02 saved (with ap_mlp, all_mlps, flu_pp, ap_abs, ...: ~3x the time).
+METHODS = ["flu", "ap", "ct", "random", "nonlocalized", "extraction"]  # extraction: the positive control
 SPORT = "basketball"  # the sport forgotten in sport_to_golf / unlearn_sport
 N_FACTS = 16  # athletes / CounterFact facts edited in athletes_to_sport / counterfact
 N_MAINTAIN = 64  # facts kept (half trained on, half evaluated)
@@ -80,7 +80,7 @@ RESULTS_DIR = start(SEED, RESULTS_DIR)
 OUT = notebook_dir(RESULTS_DIR, STEM)
 if SMOKE:
     TASKS, STEPS, N_FACTS, SWEEP_LRS, SWEEP_STEPS = ["athletes_to_sport"], 8, 8, [1e-4, 3e-4], 2
-    METHODS = ["flu", "ap", "random"]
+    METHODS = ["flu", "ap", "random", "extraction"]
     N_MAINTAIN, N_HELDOUT_TEXT, N_UNRELATED = 16, 8, 16
 
 # %% [markdown]

@@ -47,7 +47,7 @@ SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
 TASKS = ["athletes_to_sport"]  # sports tasks notebook 03 edited (sport_to_golf, unlearn_sport also work)
-METHODS = ["flu", "ap", "ct", "random"]  # [] -> every saved edit; the paper also has all_mlps, nonlocalized
+METHODS = ["flu", "ap", "ct", "random", "extraction"]  # [] -> every saved edit; extraction: the positive control
 RELEARN_STEPS = 20  # LoRA, evaluated at 0, RELEARN_STEPS // 2, RELEARN_STEPS: the paper's 0, 10, 20
 RELEARN_MODES = ["lora", "full"]
 FULL_STEPS = 10  # full fine-tuning costs more per step; evaluated at 0, 5, 10
@@ -196,6 +196,17 @@ curves.pivot_table(index=["task", "method"], columns=["variant", "step"], values
 # %%
 fig = A.plot_relearn_curves(curves, title=f"{MODEL}: relearning on half the forget set")
 save_figure(fig, RESULTS_DIR, STEM, "relearn_curves")
+
+# %% [markdown]
+# **Positive control.** If no edit ever came back, we could not tell "the edit is robust" from
+# "the attack is too weak". The `extraction` localization (notebook 02: MLPs from the extraction
+# heads' layer on, matched to FLU's size) edits where the fact is *extracted*, which the paper's
+# account predicts is shallow. *Predict:* does its held-out p(true) climb back?
+
+# %%
+control = A.control_check(curves, control="extraction", variant="relearn_lora")
+for task, c in control.items():
+    print(c["line"])
 
 # %% [markdown]
 # ## 5 · Soft-prompt attack
@@ -369,6 +380,8 @@ print("base weights bit-identical after every attack:", True)
 # * `<t>.<m|base>.edit.forget_p_true`, `.edit.heldout_p_true`: after the edit, no attack
 # * `<t>.<m>.relearn_lora.forget_p_true_by_step` (list; also `relearn_full`, `relearn_2ath`), with
 #   `.steps` (the steps), `.train_p_true_by_step` (the attack-train half), `.seconds`
+# * `<t>.control.start` / `.end` / `.gain` / `.attack_has_power`: the positive control (the
+#   `extraction` edit under LoRA relearning; None when that edit is absent)
 # * `<t>.<m>.relearn10.normal.p_true` / `relearn20.normal.p_true` (LoRA, middle / last step) and
 #   `<t>.<m>.soft_prompt.p_true`: the paper's measure names (`data/paper_results.csv`)
 # * `<t>.<m>.soft_prompt.forget_p_true` (held-out half), `.soft_prompt.train_p_true`, `.soft_prompt.train_loss`
@@ -388,6 +401,7 @@ print("base weights bit-identical after every attack:", True)
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "relearn_steps": RELEARN_STEPS, "lora_rank": LORA_RANK,
            "lora_lr": LORA_LR, "full_lr": FULL_LR, "soft_prompt_steps": SOFT_PROMPT_STEPS, "restarts": RESTARTS,
            "methods": sorted({m for _, m in edits}), "weights_restored": True, **ours}  # checked above
+metrics.update({f"{t}.control.{k}": v for t, c in control.items() for k, v in c.items() if k != "line"})
 for (t, m), row in start_rows.items():
     metrics.update({f"{t}.{m}.edit.{k}_p_true": v for k, v in row.items()})
 for (t, m, v), r in relearned.items():

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         return [m.name for m in mats if m.layer in layers and (block is None or m.block == block)]
 
     configs = {
-        "full_finetune": (lz.nonlocalized(model).params, False),
+        "full_finetune": (lz.nonlocalized(model, include_norms=True).params, False),
         "late_layers": (layer_params({L - 2, L - 1}), False),
         "late_layers+frozen_prefix": (layer_params({L - 2, L - 1}), True),
         "mid_mlps": (layer_params({2, 3, 5, 7, 9}, "mlp"), False),

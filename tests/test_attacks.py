@@ -327,5 +327,21 @@ def test_recovery_table_and_plots():
     assert set(missing.verdict) == {"not measured"}
     res = {("t", "flu", "lora"): A.RelearnResult([0, 1], [0.1, 0.2], [0.1, 0.5], {})}
     curves = A.relearn_curve_frame(res)
-    assert list(curves.forget_p_true) == [0.1, 0.2]
-    assert A.plot_relearn_curves(curves) is not None
+    assert list(curves.forget_p_true) == [0.1, 0.2] and list(curves.train_p_true) == [0.1, 0.5]
+    fig = A.plot_relearn_curves(curves)
+    lines = [ln for ax in fig.axes for ln in ax.lines if len(ln.get_xdata()) == 2]
+    assert {tuple(ln.get_ydata()) for ln in lines} >= {(0.1, 0.2), (0.1, 0.5)}  # held-out and trained halves
+
+
+def test_control_check_says_whether_the_attack_can_bring_an_edit_back():
+    def run(p_ctrl, p_flu):
+        res = {("t", "extraction", "relearn_lora"): A.RelearnResult([0, 10, 20], p_ctrl, [0.0, 0.5, 0.9], {}),
+               ("t", "flu", "relearn_lora"): A.RelearnResult([0, 10, 20], p_flu, [0.0, 0.5, 0.9], {}),
+               ("u", "flu", "relearn_lora"): A.RelearnResult([0, 20], [0.0, 0.1], [0.0, 0.9], {})}
+        return A.control_check(A.relearn_curve_frame(res), min_gain=0.2)
+    strong = run([0.05, 0.5, 0.9], [0.0, 0.02, 0.05])
+    assert strong["t"]["attack_has_power"] is True and strong["t"]["gain"] == pytest.approx(0.85)
+    assert "0.050 to 0.900" in strong["t"]["line"]
+    weak = run([0.05, 0.1, 0.15], [0.0, 0.02, 0.05])
+    assert weak["t"]["attack_has_power"] is False and "too weak" in weak["t"]["line"]
+    assert weak["u"]["attack_has_power"] is None and "no 'extraction' edit" in weak["u"]["line"]

@@ -349,7 +349,7 @@ def test_flu_threshold_and_hand_given_layers(tiny, facts, monkeypatch):
     with pytest.raises(lz.LocalizationError, match="selects no MLP"):
         lz.flu_search(tiny, facts, threshold=10.0, head_top_k=1, receiver_layer=1)
     fake = {"effect": np.array([[0.9, 0, 0, 0], [0.2, 0, 0, 0]]), "ld_clean": 1.0, "ld_corrupt": 0.0}
-    monkeypatch.setattr(lz, "head_path_patching", lambda *a, **k: fake)
+    monkeypatch.setattr(lz.flu, "head_path_patching", lambda *a, **k: fake)
     with pytest.raises(lz.LocalizationError, match="layer 0"):
         lz.flu_search(tiny, facts, head_threshold=0.1)
     with pytest.raises(lz.LocalizationError, match="selects no MLP"):
@@ -434,7 +434,10 @@ def test_scores_rank_units_and_budget_is_reached(tiny):
     loc = lz.localization_from_scores(tiny, "ap", scores, budget)
     assert loc.n_params >= budget
     assert loc.mlp_layers == [0, 1] and loc.attn_layers == []  # |-0.9| first, then 0.5
-    assert loc.matrices()[-1] == "mlp0.gate", "stops after the first matrix that reaches the budget"
+    assert loc.n_params == 2 * _mlp_size(tiny), "the unit that crosses the budget is taken whole"
+    assert loc.matrices()[-1] == "mlp0.down" and loc.meta["whole_units"]
+    cut = lz.localization_from_scores(tiny, "ap", scores, budget, whole_units=False)
+    assert cut.matrices()[-1] == "mlp0.gate", "earlier rule: stops after the first matrix that reaches it"
     assert loc.meta["unit_ranking"][:2] == ["mlp1", "mlp0"]
     only = lz.localization_from_scores(tiny, "ct_mlp", {"attn": [9.0, 9.0], "mlp": [0.1, 0.2]},
                                        budget, mlp_only=True)
@@ -464,10 +467,13 @@ def test_baselines(tiny):
     every = lz.all_mlps(tiny)
     assert every.mlp_layers == [0, 1] and every.n_params == 2 * budget
     non = lz.nonlocalized(tiny)
-    total = sum(p.numel() for p in tiny.hf.parameters())
-    assert non.n_params == total - tiny.hf.get_input_embeddings().weight.numel()
-    assert not any("embed" in p for p in non.params) and any("norm" in p for p in non.params)
+    assert non.n_params == sum(m.numel for m in lz.weight_matrices(tiny))
+    assert not any("embed" in p or "norm" in p for p in non.params)
     assert non.meta["tied_embeddings"] is True
+    old = lz.nonlocalized(tiny, include_norms=True)
+    total = sum(p.numel() for p in tiny.hf.parameters())
+    assert old.n_params == total - tiny.hf.get_input_embeddings().weight.numel()
+    assert any("norm" in p for p in old.params)
 
 
 def test_save_load_roundtrip_and_model_checks(tiny, tmp_path):
@@ -517,9 +523,133 @@ def test_overlap_and_summary(tiny):
 
 def test_tracing_result_layer_scores(tiny, facts):
     ct = lz.causal_tracing(tiny, facts.subset([0]), min_gap=None)
-    ls = ct.layer_scores()
-    np.testing.assert_allclose(ls["attn"], np.abs(ct.scores["head"]).sum(1))
+    np.testing.assert_allclose(ct.layer_scores()["attn"], np.abs(ct.scores["head"].sum(1)))
+    np.testing.assert_allclose(ct.layer_scores("abs")["attn"], np.abs(ct.scores["head"]).sum(1))
     ap = lz.attribution_patching(tiny, facts)
-    ls = ap.layer_scores()
+    np.testing.assert_allclose(ap.layer_scores()["mlp"], np.abs(ap.scores["mlp_in"] + ap.scores["mlp_out"]))
     expected = sum(np.abs(ap.scores[k]) for k in ("mlp_in", "mlp_pre", "mlp_out"))
-    np.testing.assert_allclose(ls["mlp"], expected)
+    np.testing.assert_allclose(ap.layer_scores("abs")["mlp"], expected)
+
+
+# ----------------------------------------------------------------------------- the paper's formulas
+
+def test_ap_layer_score_is_abs_of_the_signed_sum_not_the_sum_of_abs():
+    """cb_utils/mask_utils.py: attention = |sum over heads of q+k+v+result|, MLP = |mlp_in + mlp_out|."""
+    heads = np.array([[0.5, -0.5], [0.2, 0.1]])  # [layer, head]
+    scores = {"q": heads, "k": np.zeros((2, 2)), "v": np.zeros((2, 2)), "z": np.array([[0.1, 0.0], [0.0, -0.6]]),
+              "mlp_in": np.array([0.4, -0.3]), "mlp_pre": np.array([5.0, 5.0]), "mlp_out": np.array([-0.4, -0.2])}
+    paper = lz.aggregate_layer_scores(scores)
+    np.testing.assert_allclose(paper["attn"], [0.1, 0.3])  # |0.5-0.5+0.1|, |0.2+0.1-0.6|
+    np.testing.assert_allclose(paper["mlp"], [0.0, 0.5])  # mlp_pre is not a paper site
+    old = lz.aggregate_layer_scores(scores, "abs")
+    np.testing.assert_allclose(old["attn"], [1.1, 0.9])
+    np.testing.assert_allclose(old["mlp"], [5.8, 5.5])
+    ct = lz.aggregate_layer_scores({"head": np.array([[0.3, -0.2]]), "mlp": np.array([-0.4])})
+    np.testing.assert_allclose(ct["attn"], [0.1]) and np.testing.assert_allclose(ct["mlp"], [0.4])
+    with pytest.raises(ValueError, match="aggregation"):
+        lz.aggregate_layer_scores(scores, "max")
+
+
+def test_units_rank_by_absolute_layer_score_and_whole_units_fill_the_budget():
+    ranked = lz.rank_units({"attn": [0.0, -0.7], "mlp": [0.2, -0.9]})
+    assert [(b, l) for b, l, _ in ranked] == [("mlp", 1), ("attn", 1), ("mlp", 0), ("attn", 0)]
+    sizes = {"a": 10, "b": 4, "c": 4}
+    assert lz.take_whole_units(["a", "b", "c"], sizes, 10) == ["a"]  # reached exactly: stop
+    assert lz.take_whole_units(["a", "b", "c"], sizes, 11) == ["a", "b"]  # crossed: b taken whole
+    assert lz.take_whole_units(["b", "a", "c"], sizes, 5) == ["b", "a"]  # no partial last unit
+
+
+def test_ot_localization_takes_whole_attention_and_mlp_units(tiny):
+    budget = _mlp_size(tiny) + 1
+    loc = lz.localization_from_scores(tiny, "ap", {"attn": [0.0, 0.8], "mlp": [0.1, 0.9]}, budget)
+    assert sorted(loc.matrices()) == sorted(["mlp1.gate", "mlp1.up", "mlp1.down", "attn1.q", "attn1.k",
+                                             "attn1.v", "attn1.o"])
+    assert loc.meta["unit_ranking"][:2] == ["mlp1", "attn1"]
+
+
+def test_random_draws_exclude_gate_and_reach_the_budget(tiny):
+    budget = 2 * _mlp_size(tiny)  # all up + down matrices and more: forces many draws
+    for seed in range(3):
+        loc = lz.random_matrices(tiny, budget, seed=seed)
+        assert loc.n_params >= budget and not any(m.endswith(".gate") for m in loc.matrices())
+    with_gate = lz.random_matrices(tiny, budget, seed=0, kinds=lz.ATTN_MATRICES + lz.MLP_MATRICES)
+    assert with_gate.meta["kinds"] == list(lz.ATTN_MATRICES + lz.MLP_MATRICES)
+    with pytest.raises(lz.LocalizationError, match="unknown matrix kinds"):
+        lz.random_matrices(tiny, budget, kinds=("gate", "wq"))
+
+
+def test_probe_saturation_and_flu_range_from_a_probe_curve():
+    acc = [0.34, 0.40, 0.55, 0.71, 0.86, 0.90, 0.91, 0.92, 0.90, 0.89]
+    assert lz.probe_saturation_layer(acc, tol=0.03, rule="max") == 5  # first layer >= 0.92 - 0.03
+    assert lz.probe_saturation_layer(acc, tol=0.0, rule="max") == 7
+    assert lz.flu_range(acc, start=2, tol=0.03, rule="max") == [2, 3, 4, 5]
+    assert lz.flu_range(acc, start=1, tol=0.1, rule="max") == [1, 2, 3, 4]
+    # plateau: from 0.86 the next 2 layers gain 0.05; from 0.90 they gain 0.02
+    assert lz.probe_saturation_layer(acc, tol=0.03) == 5 and lz.probe_saturation_layer(acc, tol=0.06) == 4
+    two_rises = [0.59, 0.68, 0.82, 0.85, 0.85, 0.84, 0.90, 0.91, 0.88, 0.87, 0.89, 0.94, 0.99, 0.99]
+    assert lz.probe_saturation_layer(two_rises, 0.02) == 3, "the early rise stops at layer 3"
+    assert lz.probe_saturation_layer(two_rises, 0.03, rule="max") == 12
+    assert lz.probe_saturation_layer([0.33, 0.33, 0.34, 0.8, 0.9, 0.9], 0.02) == 4, "chance-level flat start ignored"
+    assert lz.flu_range([0.9, 0.9, 0.9, 0.9], start=2) == [2], "saturated before the start: one MLP"
+    with pytest.raises(ValueError, match="rule"):
+        lz.probe_saturation_layer(acc, rule="knee")
+    with pytest.raises(lz.LocalizationError, match="outside"):
+        lz.flu_range(acc, start=10)
+    with pytest.raises(lz.LocalizationError, match="finite"):
+        lz.probe_saturation_layer([0.1, float("nan")])
+
+
+def test_range_support_shares_the_path_patching_effect():
+    sup = lz.range_support([0.0, 0.1, 0.5, 0.3, -0.1, 0.1], [2, 3])
+    assert abs(sup["share_of_positive"] - 0.8) < 1e-9
+    assert abs(sup["effect_inside"] - 0.8) < 1e-9 and abs(sup["effect_outside"] - 0.1) < 1e-9
+
+
+def test_extraction_control_is_matched_to_flu_in_whole_layers(tiny):
+    flu = lz.mlp_layers_localization(tiny, [0], task="sports")
+    ext = lz.extraction_localization(tiny, 1, len(flu.mlp_layers), "sports")
+    assert ext.mlp_layers == [1] and ext.n_params == flu.n_params and ext.method == "extraction"
+    shifted = lz.extraction_localization(tiny, 1, 2)
+    assert shifted.mlp_layers == [0, 1] and shifted.meta["shifted"]
+    locs = lz.all_localizations(tiny, "sports", flu, extraction_layer=1)
+    assert locs["extraction"].mlp_layers == [1] and "extraction" in lz.METHODS
+    assert abs(lz.decoder_fraction(tiny, flu) - 0.5 * _mlp_size(tiny) * 2 / sum(
+        m.numel for m in lz.weight_matrices(tiny))) < 1e-12
+
+
+def test_ct_subset_reuses_the_per_fact_effects(tiny, facts):
+    full = lz.causal_tracing(tiny, facts.subset(range(3)), n_samples=2, min_gap=None)
+    sub = full.subset([0, 2])
+    mean = full.per_item["nie"][[0, 2]].mean((0, 1))  # same noise draws as the full run
+    L = tiny.n_layers
+    np.testing.assert_allclose(sub.scores["mlp"], mean[:L], atol=1e-6)
+    np.testing.assert_allclose(sub.scores["head"], mean[L:].reshape(L, -1), atol=1e-6)
+    assert sub.info["n_facts"] == 2 and sub.info["n_items_used"] == 4 and sub.passes.forward == 0
+    np.testing.assert_allclose(full.subset(range(3)).scores["head"], full.scores["head"], atol=1e-6)
+
+
+def test_random_token_corruption_keeps_the_tokenized_length(tiny, facts):
+    stats = {}
+    ids = lz.corrupt_subject_tokens(tiny, facts, seed=1, stats=stats)
+    pool = set(lz.ascii_token_ids(tiny.tokenizer).tolist())
+    mask = facts.subject_mask()
+    assert set(ids[mask].tolist()) <= pool, "draws come from the ASCII tokens, as the paper's"
+    tok = tiny.tokenizer
+    for i in range(len(facts)):
+        real = facts.attention_mask[i].bool()
+        n = lambda row: len(tok.encode(tok.decode(row), add_special_tokens=False))  # noqa: E731
+        if n(facts.input_ids[i][real].tolist()) != n(ids[i][real].tolist()):
+            stats["n_length_mismatch"] -= 1
+    assert stats["n_length_mismatch"] == 0, "every fact either matches or is counted"
+    anyway = lz.corrupt_subject_tokens(tiny, facts, seed=1, pool="any", same_length=False)
+    assert torch.equal(anyway[~mask], facts.input_ids[~mask])
+
+
+def test_paper_noise_rule_is_sqrt_of_scale_times_each_facts_std(tiny, facts):
+    f = facts.subset([0])
+    stds = lz.subject_embedding_stds(tiny, f)
+    noise = lz.gaussian_subject_noise(tiny, f, 4, 3.0, seed=0, rule="paper_sqrt")
+    got = float(noise[0][:, f.subject_pos[0]].std())
+    assert abs(got - float(torch.sqrt(3.0 * stds[0]))) < 0.15 * got
+    with pytest.raises(ValueError, match="noise rule"):
+        lz.gaussian_subject_noise(tiny, f, 1, 3.0, 0, rule="rome")

@@ -26,5 +26,9 @@ def test_setup_saves_known_facts_for_later_notebooks(smoke_metrics, smoke_result
     athletes = known_athletes(smoke_results_dir)
     assert len(athletes) == m["athletes.n_known"]
     assert (athletes.p_correct >= m["athletes.min_p"]).all()
+    assert m["athletes.min_p"] == 0.5, "the paper's filter: one-shot p(correct) >= 0.5"
+    per_sport = {s: m[f"athletes.n_known.{s}"] for s in ("basketball", "baseball", "football")}
+    assert sum(per_sport.values()) == m["athletes.n_known"]
+    assert all(0 <= per_sport[s] <= m[f"athletes.n_total.{s}"] for s in per_sport)
     facts = known_facts(smoke_results_dir)
     assert len(facts) == m["facts.n_known"] and isinstance(facts.paraphrase_prompts[0], list)

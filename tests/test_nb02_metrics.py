@@ -2,7 +2,7 @@
 
 import pytest
 
-from mechunlearn_utils.localize import METHODS, load_localizations
+from mechunlearn_utils.localize import METHODS, VARIANTS, load_localizations
 
 pytestmark = pytest.mark.notebook
 
@@ -39,17 +39,34 @@ def test_parameter_budgets_match_flu(m):
         assert m[f"{t}.ct_mlp.attn_layers"] == [] and m[f"{t}.ap_mlp.attn_layers"] == []
         assert len(m[f"{t}.random_mlps.mlp_layers"]) == len(m[f"{t}.flu.mlp_layers"])
         assert m[f"{t}.random_mlps.n_params"] == budget
+        assert m[f"{t}.extraction.n_params"] == budget, "the control is matched to FLU in whole layers"
+        assert m[f"{t}.extraction.mlp_layers"][0] <= m[f"{t}.extraction_heads.min_layer"]
 
 
-def test_flu_layers_are_exactly_those_passing_the_threshold(m):
+def test_flu_pp_layers_are_exactly_those_passing_the_threshold(m):
     for t in TASKS:
         if m[f"{t}.flu.hand_given"]:
             continue
         thr, eff = m[f"{t}.flu.threshold"], m[f"{t}.flu.mlp_effect"]
-        assert m[f"{t}.flu.mlp_layers"] == [i for i, e in enumerate(eff) if e >= thr]
-        assert len(eff) == m[f"{t}.flu.extraction_layer"] > max(m[f"{t}.flu.mlp_layers"])
+        assert m[f"{t}.flu_pp.mlp_layers"] == [i for i, e in enumerate(eff) if e >= thr]
+        assert len(eff) == m[f"{t}.flu.extraction_layer"] > max(m[f"{t}.flu_pp.mlp_layers"])
         assert m[f"{t}.flu.extraction_heads"] and m[f"{t}.flu.attn_layers"] == []
         assert m[f"{t}.flu.seconds"] > 0 and m[f"{t}.flu.forward_passes"] > 0
+        assert m[f"{t}.extraction_heads.min_layer"] == min(int(h.split(".")[0]) for h in m[f"{t}.flu.extraction_heads"])
+
+
+def test_sports_flu_is_the_probe_range(m):
+    acc, tol, start = m["sports.probe.name_only"], m["sports.probe.saturation_tol"], m["sports.flu.start"]
+    sat = m["sports.probe.saturation_layer"]
+    from mechunlearn_utils.localize import probe_saturation_layer
+
+    assert isinstance(sat, int) and sat == probe_saturation_layer(acc, tol, m["sports.probe.saturation_rule"])
+    assert m["sports.probe.saturation_layer_max_rule"] == probe_saturation_layer(acc, tol, "max")
+    assert m["sports.flu.mlp_layers"] == list(range(start, max(sat, start) + 1))
+    assert 0 < m["sports.flu.decoder_fraction"] < 1
+    assert isinstance(m["sports.extraction_heads.min_layer"], int)
+    for choice in ("AP_aggregation", "CT_facts", "FLU_selection"):
+        assert 0 <= m[f"sports.design.{choice}.jaccard"] <= 1
 
 
 def test_costs_ap_is_constant_passes_ct_is_per_component(m):
@@ -89,7 +106,7 @@ def test_probe_curves(m):
 def test_saved_localizations_load_back_and_match(smoke_results_dir, m):
     for t in TASKS:
         locs = load_localizations(smoke_results_dir, t)
-        assert set(locs) == set(METHODS)
+        assert set(locs) == set(METHODS) | set(VARIANTS)
         for meth, loc in locs.items():
             assert loc.model_name == m["model"] and loc.task == t
             assert loc.n_params == m[f"{t}.{meth}.n_params"]

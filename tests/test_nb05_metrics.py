@@ -79,3 +79,10 @@ def test_quantization(m):
         assert m[f"{TASK}.{meth}.quant_int4.erased_frac"] >= m[f"{TASK}.{meth}.quant_int8.erased_frac"]
         # int8 barely moves the base model with the same matrices quantized
         assert abs(m[f"{TASK}.{meth}.quant_int8.base_p_true"] - m[f"{TASK}.base.edit.forget_p_true"]) < 0.1
+
+
+def test_positive_control_is_recorded(m):
+    assert "extraction" in m["methods"], "notebook 03's smoke run must save the extraction-stage control edit"
+    curve = m[f"{TASK}.extraction.relearn_lora.forget_p_true_by_step"]
+    assert m[f"{TASK}.control.gain"] == pytest.approx(curve[-1] - curve[0], abs=1e-6)
+    assert isinstance(m[f"{TASK}.control.attack_has_power"], bool)

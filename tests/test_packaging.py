@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from mechunlearn_utils.runner import notebook_stems
+
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+NOTEBOOKS = [ROOT / "notebooks" / f"{s}.py" for s in notebook_stems()]  # 02b_... too
 
 
 def _pins(lines):

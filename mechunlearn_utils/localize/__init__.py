@@ -1,0 +1,35 @@
+"""Localize factual recall: which weight matrices should an edit train?
+
+Methods (Guo et al. 2024, section 3), one module each, following the authors' code
+(github.com/magikarp01/mechanistic-unlearning; each module's docstring names the file it follows):
+
+* `common`: fact sets, activation sites on three backends (TransformerLens, nnsight, plain hooks),
+  corruptions (Gaussian subject noise, random subject tokens), `TracingResult` and the paper's layer
+  aggregation (`aggregate_layer_scores`).
+* `tracing`: **CT**, causal tracing (`causal_tracing`).
+* `attribution`: **AP**, attribution patching (`attribution_patching`), checked against real
+  activation patching (`activation_patching`, `ap_agreement`).
+* `flu`: **FLU** ("manual"): the contiguous early MLP range ending where the name-only probe
+  saturates (`flu_range`), supported by path patching (`head_path_patching`, `mlp_path_patching`,
+  `flu_search`: the threshold selection kept as ``flu_pp``).
+* `matching`: parameters, `Localization` files, the paper's parameter matching (whole units) and
+  the baselines (random, random_mlps, all_mlps, nonlocalized) and the ``extraction`` control.
+* `report`: flat metrics, overlaps, depth tables, plots, design-choice comparisons.
+
+Everything is re-exported here: ``from mechunlearn_utils import localize as lz; lz.X``.
+"""
+
+from .common import *  # noqa: F401,F403
+from .common import (_add_rows, _batched, _fact_seed, _hf_module, _ld_metric, _nn_envoy,  # noqa: F401
+                     _restore, _run_hf, _run_nnsight, _run_tl, _site_target, _softmax_p)
+from .tracing import *  # noqa: F401,F403
+from .attribution import *  # noqa: F401,F403
+from .attribution import _attr, _pearson, _ranks  # noqa: F401
+from .flu import *  # noqa: F401,F403
+from .flu import (_attn_output, _candidate_logits, _is_gemma_style, _ld_from_candidates,  # noqa: F401
+                  _mlp_output)
+from .matching import *  # noqa: F401,F403
+from .matching import _MATRIX, _ORIG, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
+from .report import *  # noqa: F401,F403
+from .report import _finite, _ranges  # noqa: F401
+from . import attribution, common, flu, matching, report, tracing  # noqa: F401,E402
