@@ -29,6 +29,29 @@ EDIT_COLUMNS = {
 ATTACK_MEASURES = ["edit.heldout_p_true", "relearn10.normal.p_true", "relearn20.normal.p_true",
                    "soft_prompt.forget_p_true"]
 MASK_FIELDS = ["n_weights", "smallest_n", "gen_forget_at_smallest_n", "maintain_drop_at_smallest_n"]
+DEPTH_MEASURES = ["lr", "took", "forget_normal", "target_normal", "forget_question", "forget_para1", "forget_fr",
+                  "forget_de", "forget_es", "maintain", "lm_loss_delta", "relearn_heldout_before", "relearn_heldout",
+                  "relearn_train"]
+
+
+def localization_table(m: dict) -> pd.DataFrame:
+    """02: the layers each localization trains (MLP / attention) and its parameter count, per task."""
+    rows = {}
+    for key in m:
+        if key.endswith(".mlp_layers"):
+            task, method = key.split(".")[:2]
+            rows[(task, method)] = {"MLP layers": ", ".join(map(str, m[key])) or "-",
+                                    "attention layers": ", ".join(map(str, m.get(f"{task}.{method}.attn_layers", [])))
+                                    or "-", "weights": m.get(f"{task}.{method}.n_params")}
+    return pd.DataFrame(rows).T.rename_axis(["task", "method"]) if rows else pd.DataFrame()
+
+
+def depth_table(m: dict) -> pd.DataFrame:
+    """02b: one row per window (first layer), the sweep's measures; the unedited model first."""
+    rows = {"base": {k: m.get(f"base.{k}") for k in DEPTH_MEASURES}}
+    for s in m.get("window_starts", []):
+        rows[f"MLPs {s}-{s + m['k'] - 1}"] = {k: m.get(f"window.{s}.{k}") for k in DEPTH_MEASURES}
+    return pd.DataFrame(rows).T if len(rows) > 1 else pd.DataFrame()
 
 
 def _metrics(results: Path, stem: str) -> dict:
@@ -43,6 +66,8 @@ def _table(frame: pd.DataFrame, title: str, **kw) -> str:
 def report(results) -> str:
     results = Path(results)
     out = [f"# Results in {results}"]
+    out.append(_table(localization_table(_metrics(results, "02_localization")), "02 localizations"))
+    out.append(_table(depth_table(_metrics(results, "02b_depth_sweep")), "02b depth sweep"))
     edits = metrics_long(_metrics(results, "03_editing_and_unlearning"))
     for task in edits.task.unique():
         wide = edits[edits.task == task].pivot_table(index="method", columns="measure", values="value")

@@ -134,3 +134,18 @@ def test_report_script_tables_come_from_the_metrics(tmp_path):
     text = report(tmp_path)
     assert "03 editing: t" in text and "0.0123" in text and "0.0003" in text  # small numbers not rounded away
     assert "| total" in text and "07 verdicts" not in text  # sections without results are left out
+
+
+def test_report_script_localization_and_depth_tables(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    report = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "report_results.py"))["report"]
+    write_metrics(tmp_path, "02_localization", {"sports.flu.mlp_layers": [2, 3], "sports.flu.attn_layers": [],
+                                                "sports.flu.n_params": 123, "seconds_total": 1.0})
+    write_metrics(tmp_path, "02b_depth_sweep", {"k": 4, "window_starts": [0, 14], "base.forget_normal": 0.826,
+                                                "window.0.forget_normal": 0.0061, "window.14.forget_normal": 0.158,
+                                                "window.14.took": False, "seconds_total": 2.0})
+    text = report(tmp_path)
+    assert "02 localizations" in text and "| 2, 3" in text and "123" in text
+    assert "02b depth sweep" in text and "MLPs 14-17" in text and "0.0061" in text and "0.826" in text
