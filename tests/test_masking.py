@@ -44,6 +44,7 @@ def _logits(model):
 def test_masked_multiplies_and_restores_the_same_parameters_exactly(tiny):
     named = dict(tiny.hf.named_parameters())
     before = {n: (named[n], named[n].detach().clone()) for n in LOC}
+    layout = {n: (named[n].data_ptr(), named[n].stride(), named[n].is_contiguous()) for n in LOC}
     base = _logits(tiny)
     half = {n: torch.full_like(named[n], 0.5) for n in LOC}
     with masked(tiny, half):
@@ -55,6 +56,8 @@ def test_masked_multiplies_and_restores_the_same_parameters_exactly(tiny):
     after = dict(tiny.hf.named_parameters())
     for n, (param, value) in before.items():
         assert after[n] is param and torch.equal(after[n], value)
+        # same storage and layout too: a re-allocated or strided weight could run another kernel
+        assert (after[n].data_ptr(), after[n].stride(), after[n].is_contiguous()) == layout[n]
     # The weights are the proof (bitwise, above); an evaluation is compared within EVAL_ATOL only.
     assert torch.allclose(_logits(tiny), base, rtol=0, atol=EVAL_ATOL)
 
