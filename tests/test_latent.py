@@ -126,6 +126,7 @@ def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir):
     assert all(v[-1] > 0.01 for v in res.change.values())  # the perturbed matrix moved the residual stream
     # an edit moves the residual from its first edited layer on, never below it
     assert res.first_layer == {"flu": 0, "ap": 1}
+    # same process, same inputs, same weights below AP's first edited layer: bit-identical on any host
     assert res.change["flu"][0] > 0 and res.change["ap"][0] == 0.0 and res.change["ap"][1] > 0
     base_curve = res.curves[(res.curves.method == "base") & (res.curves.layer == 0)].acc.tolist()
     assert res.curves[(res.curves.method == "ap") & (res.curves.layer == 0)].acc.tolist() == base_curve
