@@ -23,13 +23,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 workbook: venv
-	$(PY) -m mechunlearn_utils.runner $(RUNNER_ARGS)
+	$(PY) -m mechunlearn_utils.workbook.runner $(RUNNER_ARGS)
 
 test: venv
 	$(PY) -m pytest
 
 smoke: venv
-	$(PY) -m mechunlearn_utils.runner --smoke $(RUNNER_ARGS)
+	$(PY) -m mechunlearn_utils.workbook.runner --smoke $(RUNNER_ARGS)
 
 sync: venv
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py

@@ -1,4 +1,4 @@
 """mechunlearn_utils: the tested library behind the Mechanistic Unlearning Workbook."""
-from .models import LoadedModel, ModelLoadError, load_model
+from mechunlearn_utils.core.models import LoadedModel, ModelLoadError, load_model
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model"]

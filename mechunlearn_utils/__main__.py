@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from .prompts import SPORT_FORMATS
+from mechunlearn_utils.data.prompts import SPORT_FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,10 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def recall_command(args) -> dict:
-    from .data import load_athletes
-    from .edit import load_edited
-    from .evals import sports_recall
-    from .models import load_model
+    from mechunlearn_utils.data.datasets import load_athletes
+    from mechunlearn_utils.edit.train import load_edited
+    from mechunlearn_utils.evaluate.suite import sports_recall
+    from mechunlearn_utils.core.models import load_model
 
     athletes = load_athletes(args.facts)  # validates the CSV before the (slow) model load
     if args.template is not None and "{athlete}" not in args.template:
@@ -52,9 +52,9 @@ def recall_command(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from .data import DataError
-    from .edit import EditError
-    from .models import ModelLoadError
+    from mechunlearn_utils.data.datasets import DataError
+    from mechunlearn_utils.edit.train import EditError
+    from mechunlearn_utils.core.models import ModelLoadError
 
     args = _parser().parse_args(argv)
     try:

@@ -47,11 +47,11 @@ import seaborn as sns
 import torch
 
 from mechunlearn_utils import load_model
-from mechunlearn_utils.data import filter_known_athletes, filter_known_facts, load_athletes, load_counterfact
-from mechunlearn_utils.evals import score_prompts, sports_recall, summarize
-from mechunlearn_utils.notebook import KNOWN_ATHLETES_FILE, KNOWN_FACTS_FILE, start
-from mechunlearn_utils.prompts import SPORT_FORMATS, counterfact_prompts, sport_prompts
-from mechunlearn_utils.results import notebook_dir, save_figure, write_metrics
+from mechunlearn_utils.data.datasets import filter_known_athletes, filter_known_facts, load_athletes, load_counterfact
+from mechunlearn_utils.evaluate.suite import score_prompts, sports_recall, summarize
+from mechunlearn_utils.workbook.notebook import KNOWN_ATHLETES_FILE, KNOWN_FACTS_FILE, start
+from mechunlearn_utils.data.prompts import SPORT_FORMATS, counterfact_prompts, sport_prompts
+from mechunlearn_utils.workbook.results import notebook_dir, save_figure, write_metrics
 
 STEM = "00_setup"
 t_start = time.perf_counter()

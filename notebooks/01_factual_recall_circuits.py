@@ -31,7 +31,7 @@
 # **attention heads extract** it to the final token. Output-tracing methods mostly find the
 # second stage; the paper's robust edits target the first. We check that story on our model.
 #
-# Everything heavy lives in `mechunlearn_utils.circuits` (tested on a tiny model); the cells
+# Everything heavy lives in `mechunlearn_utils.interp.circuits` (tested on a tiny model); the cells
 # here are short on purpose. Run notebook 00 first: it chooses the athletes the model knows.
 
 # %% tags=["parameters"]
@@ -48,11 +48,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from mechunlearn_utils import circuits as C
+from mechunlearn_utils.interp import circuits as C
 from mechunlearn_utils import load_model
-from mechunlearn_utils.notebook import known_athletes, start
-from mechunlearn_utils.prompts import SPORTS, sport_prompt
-from mechunlearn_utils.results import save_figure, write_metrics
+from mechunlearn_utils.workbook.notebook import known_athletes, start
+from mechunlearn_utils.data.prompts import SPORTS, sport_prompt
+from mechunlearn_utils.workbook.results import save_figure, write_metrics
 
 STEM = "01_factual_recall_circuits"
 t_start = time.perf_counter()

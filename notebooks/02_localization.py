@@ -77,9 +77,9 @@ from IPython.display import display
 
 from mechunlearn_utils import load_model
 from mechunlearn_utils import localize as lz
-from mechunlearn_utils.notebook import known_athletes, known_facts, start
-from mechunlearn_utils.probes import cv_probe_accuracy, plot_probe_curves, residuals_at
-from mechunlearn_utils.results import MissingResultsError, read_metrics, save_figure, write_metrics
+from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
+from mechunlearn_utils.evaluate.probes import cv_probe_accuracy, plot_probe_curves, residuals_at
+from mechunlearn_utils.workbook.results import MissingResultsError, read_metrics, save_figure, write_metrics
 
 STEM = "02_localization"
 t_start = time.perf_counter()

@@ -68,14 +68,14 @@ import time
 
 import pandas as pd
 
-from mechunlearn_utils import attacks as A
-from mechunlearn_utils import depth as D
+from mechunlearn_utils.attacks import attacks as A
+from mechunlearn_utils.edit import depth as D
 from mechunlearn_utils import load_model
-from mechunlearn_utils.data import load_general_text
-from mechunlearn_utils.edit import EditConfig
-from mechunlearn_utils.notebook import known_athletes, start
-from mechunlearn_utils.results import MissingResultsError, read_metrics, save_figure, write_metrics
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.data.datasets import load_general_text
+from mechunlearn_utils.edit.train import EditConfig
+from mechunlearn_utils.workbook.notebook import known_athletes, start
+from mechunlearn_utils.workbook.results import MissingResultsError, read_metrics, save_figure, write_metrics
+from mechunlearn_utils.data.tasks import make_task
 
 STEM = "02b_depth_sweep"
 t_start, seconds = time.perf_counter(), {}

@@ -64,15 +64,15 @@ import pandas as pd
 import seaborn as sns
 
 from mechunlearn_utils import load_model
-from mechunlearn_utils.data import load_general_text
-from mechunlearn_utils.edit import EditConfig, edit_and_evaluate, sweep
-from mechunlearn_utils.evals import evaluate_task
+from mechunlearn_utils.data.datasets import load_general_text
+from mechunlearn_utils.edit.train import EditConfig, edit_and_evaluate, sweep
+from mechunlearn_utils.evaluate.suite import evaluate_task
 from mechunlearn_utils.localize import load_localizations
-from mechunlearn_utils.notebook import known_athletes, known_facts, start
-from mechunlearn_utils.plotting import edit_summary_plot
-from mechunlearn_utils.reproducibility import assert_weights_restored, weight_digests
-from mechunlearn_utils.results import notebook_dir, read_metrics, save_figure, write_metrics
-from mechunlearn_utils.tasks import make_task, unrelated_facts
+from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
+from mechunlearn_utils.viz.plotting import edit_summary_plot
+from mechunlearn_utils.core.reproducibility import assert_weights_restored, weight_digests
+from mechunlearn_utils.workbook.results import notebook_dir, read_metrics, save_figure, write_metrics
+from mechunlearn_utils.data.tasks import make_task, unrelated_facts
 
 STEM = "03_editing_and_unlearning"
 t_start = time.perf_counter()
@@ -228,7 +228,7 @@ save_figure(grid.figure, RESULTS_DIR, STEM, "training_curves")
 # fewer side effects. We print the comparisons that decide each claim on this model.
 
 # %%
-from mechunlearn_utils.results import verdict_lines  # noqa: E402
+from mechunlearn_utils.workbook.results import verdict_lines  # noqa: E402
 
 for line in verdict_lines(table, tasks, mcq_usable=setup["mcq_usable"]):
     print(line)
@@ -239,7 +239,7 @@ for line in verdict_lines(table, tasks, mcq_usable=setup["mcq_usable"]):
 # and shows the answer in every format. Under papermill the default renders statically.
 
 # %%
-from mechunlearn_utils.widgets import edit_fact_widget, edit_one_athlete  # noqa: E402
+from mechunlearn_utils.viz.widgets import edit_fact_widget, edit_one_athlete  # noqa: E402
 
 demo_method = "flu" if "flu" in localizations["sports"] else next(iter(localizations["sports"]))
 demo = edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,

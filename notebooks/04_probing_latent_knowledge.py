@@ -52,10 +52,10 @@ import time
 import pandas as pd
 
 from mechunlearn_utils import load_model
-from mechunlearn_utils.latent import (edit_paths, flat_metrics, latent_curves, plot_latent_curves, probe_table,
+from mechunlearn_utils.evaluate.latent import (edit_paths, flat_metrics, latent_curves, plot_latent_curves, probe_table,
                                       probe_widget, summary, task_from_edit)
-from mechunlearn_utils.notebook import known_athletes, known_facts, start
-from mechunlearn_utils.results import save_figure, write_metrics
+from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
+from mechunlearn_utils.workbook.results import save_figure, write_metrics
 
 STEM = "04_probing_latent_knowledge"
 t_start = time.perf_counter()

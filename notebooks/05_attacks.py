@@ -78,13 +78,13 @@ import time
 import pandas as pd
 import seaborn as sns
 
-from mechunlearn_utils import attacks as A
+from mechunlearn_utils.attacks import attacks as A
 from mechunlearn_utils import load_model
-from mechunlearn_utils.data import load_general_text
-from mechunlearn_utils.notebook import known_athletes, start
-from mechunlearn_utils.reproducibility import assert_weights_restored, weight_digests
-from mechunlearn_utils.results import load_paper_results, metrics_long, save_figure, side_by_side, write_metrics
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.data.datasets import load_general_text
+from mechunlearn_utils.workbook.notebook import known_athletes, start
+from mechunlearn_utils.core.reproducibility import assert_weights_restored, weight_digests
+from mechunlearn_utils.workbook.results import load_paper_results, metrics_long, save_figure, side_by_side, write_metrics
+from mechunlearn_utils.data.tasks import make_task
 
 STEM = "05_attacks"
 t_start, seconds = time.perf_counter(), {}

@@ -59,14 +59,14 @@ import time
 import pandas as pd
 
 from mechunlearn_utils import load_model
-from mechunlearn_utils.data import load_general_text
+from mechunlearn_utils.data.datasets import load_general_text
 from mechunlearn_utils.localize import load_localizations
-from mechunlearn_utils.masking import (MaskConfig, edit_measures, mask_widget, plot_mask_sweep, smallest_n,
+from mechunlearn_utils.edit.masking import (MaskConfig, edit_measures, mask_widget, plot_mask_sweep, smallest_n,
                                        sweep_n, train_mask)
-from mechunlearn_utils.notebook import known_athletes, known_facts, start
-from mechunlearn_utils.reproducibility import EVAL_ATOL, restore_check, weight_digests
-from mechunlearn_utils.results import read_metrics, save_figure, write_metrics
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
+from mechunlearn_utils.core.reproducibility import EVAL_ATOL, restore_check, weight_digests
+from mechunlearn_utils.workbook.results import read_metrics, save_figure, write_metrics
+from mechunlearn_utils.data.tasks import make_task
 
 STEM = "06_weight_masking"
 t_start = time.perf_counter()

@@ -40,8 +40,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from mechunlearn_utils.notebook import start
-from mechunlearn_utils.results import (MissingResultsError, claim_verdict, latent_position, load_paper_results,
+from mechunlearn_utils.workbook.notebook import start
+from mechunlearn_utils.workbook.results import (MissingResultsError, claim_verdict, latent_position, load_paper_results,
                                        metrics_long, notebook_dir, read_metrics, robustness_vs_side_effects,
                                        save_figure, side_by_side, write_metrics)
 

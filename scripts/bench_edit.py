@@ -34,9 +34,9 @@ def main(argv=None) -> dict:
 
     from mechunlearn_utils import load_model
     from mechunlearn_utils import localize as lz
-    from mechunlearn_utils.data import filter_known_athletes, load_athletes, load_general_text
-    from mechunlearn_utils.edit import EditConfig, restore, snapshot, train_edit
-    from mechunlearn_utils.tasks import athletes_to_sport
+    from mechunlearn_utils.data.datasets import filter_known_athletes, load_athletes, load_general_text
+    from mechunlearn_utils.edit.train import EditConfig, restore, snapshot, train_edit
+    from mechunlearn_utils.data.tasks import athletes_to_sport
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,8 +38,8 @@ def main(argv=None) -> dict:
 
     from mechunlearn_utils import load_model
     from mechunlearn_utils import localize as lz
-    from mechunlearn_utils.data import filter_known_athletes, load_athletes
-    from mechunlearn_utils.probes import cv_probe_accuracy, residuals_at
+    from mechunlearn_utils.data.datasets import filter_known_athletes, load_athletes
+    from mechunlearn_utils.evaluate.probes import cv_probe_accuracy, residuals_at
 
     if args.threads:
         torch.set_num_threads(args.threads)

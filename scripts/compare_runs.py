@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from mechunlearn_utils.results import compare_runs
+from mechunlearn_utils.workbook.results import compare_runs
 
 
 def main(argv=None):

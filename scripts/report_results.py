@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechunlearn_utils.results import metrics_long
-from mechunlearn_utils.runner import notebook_stems
+from mechunlearn_utils.workbook.results import metrics_long
+from mechunlearn_utils.workbook.runner import notebook_stems
 
 EDIT_COLUMNS = {
     "sports": ["forget.normal.p_true", "forget.question.p_true", "forget.mcq.p_true", "forget.normal.p_target",

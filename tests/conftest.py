@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mechunlearn_utils.runner import notebook_stems, prerequisites, run_notebook
+from mechunlearn_utils.workbook.runner import notebook_stems, prerequisites, run_notebook
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils import attacks as A
-from mechunlearn_utils.evals import score_prompts
-from mechunlearn_utils.prompts import sport_prompts
-from mechunlearn_utils.results import MissingResultsError
+from mechunlearn_utils.attacks import attacks as A
+from mechunlearn_utils.evaluate.suite import score_prompts
+from mechunlearn_utils.data.prompts import sport_prompts
+from mechunlearn_utils.workbook.results import MissingResultsError
 
 ATHLETES = pd.DataFrame({
     "athlete": ["Michael Jordan", "LeBron James", "Babe Ruth", "Derek Jeter", "Tom Brady", "Peyton Manning",
@@ -261,7 +261,7 @@ def test_project_language_answers_with_gemma_tokenizer():
     scorer enforces), and the single-token ones really are single tokens."""
     from tokenizers import Tokenizer
 
-    from mechunlearn_utils.models import converted_dir
+    from mechunlearn_utils.core.models import converted_dir
 
     path = converted_dir("gemma-3-270m") / "tokenizer.json"
     if not path.exists():

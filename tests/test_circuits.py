@@ -1,13 +1,13 @@
-"""Unit tests of mechunlearn_utils.circuits on the tiny random Gemma-3 (fast)."""
+"""Unit tests of mechunlearn_utils.interp.circuits on the tiny random Gemma-3 (fast)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils import circuits as C
-from mechunlearn_utils.evals import final_logits
-from mechunlearn_utils.prompts import sport_prompt
+from mechunlearn_utils.interp import circuits as C
+from mechunlearn_utils.evaluate.suite import final_logits
+from mechunlearn_utils.data.prompts import sport_prompt
 
 CLEAN, CORRUPT = "Michael Jordan", "Tom Brady"  # two words each: equal token counts
 

@@ -45,7 +45,7 @@ def test_recall_with_an_edit_reports_the_edited_model(tmp_path, capsys):
     import torch
 
     from mechunlearn_utils import load_model
-    from mechunlearn_utils.edit import save_edit
+    from mechunlearn_utils.edit.train import save_edit
 
     csv = tmp_path / "a.csv"
     csv.write_text("athlete,sport\nMichael Jordan,basketball\nBabe Ruth,baseball\nTom Brady,football\n")

@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from mechunlearn_utils.data import (PAPER_DATA_DIR, DataError, filter_known_athletes, load_athletes,
+from mechunlearn_utils.data.datasets import (PAPER_DATA_DIR, DataError, filter_known_athletes, load_athletes,
                                     load_counterfact, load_general_text, parse_list_cell)
-from mechunlearn_utils.prompts import SPORTS
+from mechunlearn_utils.data.prompts import SPORTS
 
 
 def test_project_athletes_are_balanced_and_clean():

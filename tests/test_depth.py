@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils import attacks as A
-from mechunlearn_utils import depth as D
-from mechunlearn_utils.data import load_athletes
-from mechunlearn_utils.edit import EditConfig, snapshot
-from mechunlearn_utils.results import write_metrics
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.attacks import attacks as A
+from mechunlearn_utils.edit import depth as D
+from mechunlearn_utils.data.datasets import load_athletes
+from mechunlearn_utils.edit.train import EditConfig, snapshot
+from mechunlearn_utils.workbook.results import write_metrics
+from mechunlearn_utils.data.tasks import make_task
 
 
 @pytest.fixture(scope="module")

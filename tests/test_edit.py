@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils.data import load_athletes, load_general_text
-from mechunlearn_utils.edit import (EditConfig, EditError, edited, first_trainable_layer, forget_loss, load_edited,
+from mechunlearn_utils.data.datasets import load_athletes, load_general_text
+from mechunlearn_utils.edit.train import (EditConfig, EditError, edited, first_trainable_layer, forget_loss, load_edited,
                                     restore, save_edit, snapshot, train_edit)
-from mechunlearn_utils.evals import evaluate_task, sports_measure
-from mechunlearn_utils.forward import hidden_from, prefix_hidden
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.evaluate.suite import evaluate_task, sports_measure
+from mechunlearn_utils.core.forward import hidden_from, prefix_hidden
+from mechunlearn_utils.data.tasks import make_task
 
 LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
@@ -120,8 +120,8 @@ def test_evaluate_task_reports_every_measure(tiny, athletes):
 
 
 def test_unrelated_facts_exclude_everything_the_task_touches():
-    from mechunlearn_utils.data import load_counterfact
-    from mechunlearn_utils.tasks import unrelated_facts
+    from mechunlearn_utils.data.datasets import load_counterfact
+    from mechunlearn_utils.data.tasks import unrelated_facts
 
     facts = load_counterfact().head(60)
     task = make_task("counterfact", facts=facts, n=8, n_maintain=10)
@@ -133,7 +133,7 @@ def test_unrelated_facts_exclude_everything_the_task_touches():
 def test_lm_loss_on_sampled_positions_is_the_mean_over_those_positions(tiny):
     import numpy as np
 
-    from mechunlearn_utils.edit import lm_loss, sample_positions
+    from mechunlearn_utils.edit.train import lm_loss, sample_positions
 
     batch = tiny.tokenize(["Michael Jordan plays the sport of basketball and Babe Ruth plays baseball"] * 2)
     batch = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -152,7 +152,7 @@ def test_lm_loss_on_sampled_positions_is_the_mean_over_those_positions(tiny):
 
 
 def test_rank_settings_prefers_edits_that_took_then_maintain():
-    from mechunlearn_utils.edit import rank_settings
+    from mechunlearn_utils.edit.train import rank_settings
 
     rows = [dict(lr=1, forget_p_true=0.6, maintain_p_true=0.95),  # kept everything, edit did not take
             dict(lr=2, forget_p_true=0.05, maintain_p_true=0.70),
@@ -164,7 +164,7 @@ def test_rank_settings_prefers_edits_that_took_then_maintain():
 
 
 def test_sweep_trains_each_setting_from_the_base_and_restores_it(tiny, athletes, text):
-    from mechunlearn_utils.edit import sweep
+    from mechunlearn_utils.edit.train import sweep
 
     task = make_task("unlearn_sport", athletes=athletes, sport="basketball", n_maintain=8, seed=0)
     saved = snapshot(tiny, LATE)

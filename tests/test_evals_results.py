@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mechunlearn_utils.evals import final_logits, score_prompts, sports_recall
-from mechunlearn_utils.data import load_athletes
-from mechunlearn_utils.prompts import sport_prompts
-from mechunlearn_utils.results import MissingResultsError, read_metrics, require_file, write_metrics
+from mechunlearn_utils.evaluate.suite import final_logits, score_prompts, sports_recall
+from mechunlearn_utils.data.datasets import load_athletes
+from mechunlearn_utils.data.prompts import sport_prompts
+from mechunlearn_utils.workbook.results import MissingResultsError, read_metrics, require_file, write_metrics
 
 
 def test_final_logits_match_the_full_forward_for_ragged_batches(tiny):
@@ -58,7 +58,7 @@ def test_missing_results_name_the_notebook(tmp_path):
 
 
 def test_one_pass_measures_match_separate_ones(tiny):
-    from mechunlearn_utils.evals import sports_measure
+    from mechunlearn_utils.evaluate.suite import sports_measure
 
     df = load_athletes().head(6).assign(target="golf")
     cands = ("basketball", "baseball", "football", "golf")
@@ -69,7 +69,7 @@ def test_one_pass_measures_match_separate_ones(tiny):
 
 
 def test_claim_verdicts_follow_the_numbers():
-    from mechunlearn_utils.results import claim_verdict
+    from mechunlearn_utils.workbook.results import claim_verdict
 
     assert claim_verdict({"flu": 0.1, "ap": 0.5, "ct": 0.4})[0] == "reproduced"
     assert claim_verdict({"flu": 0.6, "ap": 0.5, "ct": 0.4})[0] == "not reproduced"
@@ -79,7 +79,7 @@ def test_claim_verdicts_follow_the_numbers():
 
 
 def test_side_by_side_joins_on_task_method_measure():
-    from mechunlearn_utils.results import load_paper_results, metrics_long, side_by_side
+    from mechunlearn_utils.workbook.results import load_paper_results, metrics_long, side_by_side
 
     ours = metrics_long({"sport_to_golf.flu.forget.mcq.p_true": 0.2, "counterfact.ap.neighborhood.p_true": 0.7,
                          "model": "x", "sport_to_golf.flu.train.seconds": 3.0})
@@ -90,7 +90,7 @@ def test_side_by_side_joins_on_task_method_measure():
 
 
 def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_path):
-    from mechunlearn_utils.results import compare_runs
+    from mechunlearn_utils.workbook.results import compare_runs
 
     write_metrics(tmp_path / "a", "01_x", {"acc": 0.5, "curve": [0.1, 0.2], "seconds_total": 10.0, "model": "m"})
     write_metrics(tmp_path / "b", "01_x", {"acc": 0.5, "curve": [0.1, 0.25], "seconds_total": 99.0, "model": "m"})
@@ -103,7 +103,7 @@ def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_pat
 
 
 def test_latent_position_is_where_the_base_probe_reads_best():
-    from mechunlearn_utils.results import latent_position
+    from mechunlearn_utils.workbook.results import latent_position
 
     probes = {"t.base.final.true_acc.mid": 0.6, "t.base.subject.true_acc.mid": 0.8,
               "t.flu.final.true_acc.mid": 0.0, "t.flu.subject.true_acc.mid": 0.9}
@@ -113,7 +113,7 @@ def test_latent_position_is_where_the_base_probe_reads_best():
 
 
 def test_robustness_vs_side_effects_pairs_each_method_with_its_change_from_base():
-    from mechunlearn_utils.results import metrics_long, robustness_vs_side_effects
+    from mechunlearn_utils.workbook.results import metrics_long, robustness_vs_side_effects
 
     edits = metrics_long({"t.base.side.lm_loss": 3.0, "t.flu.side.lm_loss": 3.2, "t.ap.side.lm_loss": 2.9,
                           "u.flu.side.lm_loss": 9.0})  # task u: no base row, no attack

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechunlearn_utils.forward import (common_prefix_length, embed_scale, last_token_hidden, layers_from,
+from mechunlearn_utils.core.forward import (common_prefix_length, embed_scale, last_token_hidden, layers_from,
                                        prefix_hidden)
-from mechunlearn_utils.prompts import sport_prompts
+from mechunlearn_utils.data.prompts import sport_prompts
 
 ATHLETES = ["Michael Jordan", "LeBron James", "Babe Ruth", "Derek Jeter", "Tom Brady", "Peyton Manning"]
 SPORTS = ["basketball", "basketball", "baseball", "baseball", "football", "football"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mechunlearn_utils.data import REPO_ROOT
-from mechunlearn_utils.results import claim_verdict, metrics_long
+from mechunlearn_utils.core.paths import REPO_ROOT
+from mechunlearn_utils.workbook.results import claim_verdict, metrics_long
 
 EDITS = "03_editing_and_unlearning"
 TRAIN_FORMAT = {"sports": "normal", "counterfact": "prompt"}

@@ -7,15 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils.data import load_athletes
-from mechunlearn_utils.edit import restore, save_edit, snapshot
-from mechunlearn_utils.latent import (EDITS_STEM, athlete_residuals, edit_paths, flat_metrics, latent_curves,
+from mechunlearn_utils.data.datasets import load_athletes
+from mechunlearn_utils.edit.train import restore, save_edit, snapshot
+from mechunlearn_utils.evaluate.latent import (EDITS_STEM, athlete_residuals, edit_paths, flat_metrics, latent_curves,
                                       plot_latent_curves, probe_curves, probe_positions, probe_split, probe_table,
                                       probe_widget, residual_cache, summary, task_from_edit, train_position_probes)
-from mechunlearn_utils.probes import residuals_at
-from mechunlearn_utils.reproducibility import EVAL_ATOL
-from mechunlearn_utils.results import MissingResultsError
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.evaluate.probes import residuals_at
+from mechunlearn_utils.core.reproducibility import EVAL_ATOL
+from mechunlearn_utils.workbook.results import MissingResultsError
+from mechunlearn_utils.data.tasks import make_task
 
 EDITED = ["model.layers.0.mlp.down_proj.weight"]
 LATE = {"flu": EDITED, "ap": ["model.layers.1.mlp.down_proj.weight"]}  # what each fake edit changes

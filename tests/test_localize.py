@@ -11,8 +11,8 @@ import torch
 
 from mechunlearn_utils import load_model
 from mechunlearn_utils import localize as lz
-from mechunlearn_utils.data import load_athletes
-from mechunlearn_utils.probes import cv_probe_accuracy, fit_probes, probe_accuracy, residuals_at
+from mechunlearn_utils.data.datasets import load_athletes
+from mechunlearn_utils.evaluate.probes import cv_probe_accuracy, fit_probes, probe_accuracy, residuals_at
 
 TL_NN_ATOL = 1e-5  # TransformerLens vs nnsight: same kernels on CPU, so agreement is ~exact
 ALL_SITES = [lz.Site("embed"), lz.Site("resid_pre", 1), lz.Site("q", 0), lz.Site("k", 1),
@@ -56,7 +56,7 @@ def test_sports_facts_are_balanced_and_locate_the_queried_subject(tiny):
 
 
 def test_counterfact_facts_pair_true_and_new_objects(tiny):
-    from mechunlearn_utils.data import load_counterfact
+    from mechunlearn_utils.data.datasets import load_counterfact
 
     df = load_counterfact()
     fs = lz.counterfact_facts(tiny, df, n=3)
@@ -495,7 +495,7 @@ def test_save_load_roundtrip_and_model_checks(tiny, tmp_path):
     wrong = lz.Localization(**{**back.__dict__, "n_params": 5})
     with pytest.raises(lz.LocalizationError, match="records 5"):
         wrong.check(tiny)
-    from mechunlearn_utils.results import MissingResultsError
+    from mechunlearn_utils.workbook.results import MissingResultsError
     with pytest.raises(MissingResultsError, match="02_localization"):
         lz.Localization.load(tmp_path, "sports", "ap")
     with pytest.raises(lz.LocalizationError, match="not a localization"):

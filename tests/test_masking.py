@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils.data import load_athletes
-from mechunlearn_utils.evals import evaluate_task, final_logits
-from mechunlearn_utils.masking import (MaskConfig, MaskError, MaskResult, binary_masks, edit_measures, mask_eval,
+from mechunlearn_utils.data.datasets import load_athletes
+from mechunlearn_utils.evaluate.suite import evaluate_task, final_logits
+from mechunlearn_utils.edit.masking import (MaskConfig, MaskError, MaskResult, binary_masks, edit_measures, mask_eval,
                                        mask_widget,
                                        masked, owners, plot_mask_sweep, smallest_n, sweep_n, top_changed,
                                        train_mask)
-from mechunlearn_utils.reproducibility import EVAL_ATOL
-from mechunlearn_utils.tasks import make_task
+from mechunlearn_utils.core.reproducibility import EVAL_ATOL
+from mechunlearn_utils.data.tasks import make_task
 
 LOC = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 

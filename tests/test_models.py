@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from mechunlearn_utils import ModelLoadError, load_model
-from mechunlearn_utils.models import PACKAGED_MODELS
+from mechunlearn_utils import ModelLoadError
+from mechunlearn_utils import load_model
+from mechunlearn_utils.core.models import PACKAGED_MODELS
 
 PROMPT = "Fact : Michael Jordan plays the sport of"
 
@@ -85,7 +86,7 @@ def test_packaged_models_declare_bos_policy():
 def test_missing_package_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from mechunlearn_utils import models
+    from mechunlearn_utils.core import models as models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -97,7 +98,7 @@ def test_missing_package_is_a_clear_error(monkeypatch):
 
 def test_corrupted_cache_is_converted_again(tmp_path, monkeypatch):
     """An unreadable cached checkpoint triggers one re-conversion instead of a deep stack trace."""
-    from mechunlearn_utils import models
+    from mechunlearn_utils.core import models as models
 
     calls = []
     out = tmp_path / "ckpt"
@@ -128,7 +129,7 @@ def test_parameter_names_survive_the_bridge():
 
 
 def test_frozen_prefix_after_the_bridge_is_built(tiny):
-    from mechunlearn_utils.forward import hidden_from, prefix_hidden
+    from mechunlearn_utils.core.forward import hidden_from, prefix_hidden
 
     tiny.tl  # noqa: B018
     batch = tiny.tokenize([PROMPT])

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from mechunlearn_utils.notebook import known_athletes, known_facts
+from mechunlearn_utils.workbook.notebook import known_athletes, known_facts
 
 pytestmark = pytest.mark.notebook
 

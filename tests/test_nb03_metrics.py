@@ -2,7 +2,7 @@
 
 import pytest
 
-from mechunlearn_utils.edit import load_edited, restore
+from mechunlearn_utils.edit.train import load_edited, restore
 
 pytestmark = pytest.mark.notebook
 TASK = "athletes_to_sport"
@@ -48,7 +48,7 @@ def test_saved_edits_reload(smoke_metrics, smoke_results_dir):
 
 
 def test_sweep_is_recorded_and_its_choice_is_used(smoke_metrics):
-    from mechunlearn_utils.edit import rank_settings
+    from mechunlearn_utils.edit.train import rank_settings
 
     m = smoke_metrics("03_editing_and_unlearning")
     swept = {k.split(".")[2] for k in m if k.startswith(f"sweep.{TASK}.")}

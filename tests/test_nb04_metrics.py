@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mechunlearn_utils.reproducibility import EVAL_ATOL
+from mechunlearn_utils.core.reproducibility import EVAL_ATOL
 
 pytestmark = pytest.mark.notebook
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mechunlearn_utils.results import claim_verdict
+from mechunlearn_utils.workbook.results import claim_verdict
 
 pytestmark = pytest.mark.notebook
 VERDICTS = {"reproduced", "not reproduced", "mixed", "not measured"}

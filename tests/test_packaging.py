@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mechunlearn_utils.runner import notebook_stems
+from mechunlearn_utils.workbook.runner import notebook_stems
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [ROOT / "notebooks" / f"{s}.py" for s in notebook_stems()]  # 02b_... too

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mechunlearn_utils.data import load_counterfact
-from mechunlearn_utils.prompts import (MCQ_LETTERS, counterfact_prompts, shuffled_options, sport_prompt,
+from mechunlearn_utils.data.datasets import load_counterfact
+from mechunlearn_utils.data.prompts import (MCQ_LETTERS, counterfact_prompts, shuffled_options, sport_prompt,
                                        sport_prompts)
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mechunlearn_utils.results import compare_runs
-from mechunlearn_utils.runner import run_notebook
+from mechunlearn_utils.workbook.results import compare_runs
+from mechunlearn_utils.workbook.runner import run_notebook
 
 pytestmark = pytest.mark.notebook
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechunlearn_utils.reproducibility import (EVAL_ATOL, EvaluationDriftError, WeightsChangedError,
+from mechunlearn_utils.core.reproducibility import (EVAL_ATOL, EvaluationDriftError, WeightsChangedError,
                                                assert_evals_close, changed_weights, eval_gap, restore_check,
                                                tensor_digest, weight_digests)
 

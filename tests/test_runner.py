@@ -3,7 +3,7 @@
 import nbformat
 import pytest
 
-from mechunlearn_utils import runner
+from mechunlearn_utils.workbook import runner as runner
 
 
 def test_a_failing_cell_is_named_with_its_source(tmp_path, monkeypatch):

@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from mechunlearn_utils.data import load_athletes
-from mechunlearn_utils.plotting import edit_summary_plot
-from mechunlearn_utils.widgets import edit_fact_widget, edit_one_athlete
+from mechunlearn_utils.data.datasets import load_athletes
+from mechunlearn_utils.viz.plotting import edit_summary_plot
+from mechunlearn_utils.viz.widgets import edit_fact_widget, edit_one_athlete
 
 LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 

@@ -19,17 +19,17 @@ Methods (Guo et al. 2024, section 3), one module each, following the authors' co
 Everything is re-exported here: ``from mechunlearn_utils import localize as lz; lz.X``.
 """
 
-from .common import *  # noqa: F401,F403
-from .common import (_add_rows, _batched, _fact_seed, _hf_module, _ld_metric, _nn_envoy,  # noqa: F401
+from mechunlearn_utils.localize.common import *  # noqa: F401,F403
+from mechunlearn_utils.localize.common import (_add_rows, _batched, _fact_seed, _hf_module, _ld_metric, _nn_envoy,  # noqa: F401
                      _restore, _run_hf, _run_nnsight, _run_tl, _site_target, _softmax_p)
-from .tracing import *  # noqa: F401,F403
-from .attribution import *  # noqa: F401,F403
-from .attribution import _attr, _pearson, _ranks  # noqa: F401
-from .flu import *  # noqa: F401,F403
-from .flu import (_attn_output, _candidate_logits, _is_gemma_style, _ld_from_candidates,  # noqa: F401
+from mechunlearn_utils.localize.tracing import *  # noqa: F401,F403
+from mechunlearn_utils.localize.attribution import *  # noqa: F401,F403
+from mechunlearn_utils.localize.attribution import _attr, _pearson, _ranks  # noqa: F401
+from mechunlearn_utils.localize.flu import *  # noqa: F401,F403
+from mechunlearn_utils.localize.flu import (_attn_output, _candidate_logits, _is_gemma_style, _ld_from_candidates,  # noqa: F401
                   _mlp_output)
-from .matching import *  # noqa: F401,F403
-from .matching import _MATRIX, _ORIG, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
-from .report import *  # noqa: F401,F403
-from .report import _finite, _ranges  # noqa: F401
-from . import attribution, common, flu, matching, report, tracing  # noqa: F401,E402
+from mechunlearn_utils.localize.matching import *  # noqa: F401,F403
+from mechunlearn_utils.localize.matching import _MATRIX, _ORIG, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
+from mechunlearn_utils.localize.report import *  # noqa: F401,F403
+from mechunlearn_utils.localize.report import _finite, _ranges  # noqa: F401
+from mechunlearn_utils.localize import attribution, common, flu, matching, report, tracing  # noqa: F401,E402

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .common import (HEAD_KINDS, PAPER_AP_HEAD_KINDS, PAPER_AP_MLP_KINDS, FactSet, LocalizationError,
+from mechunlearn_utils.localize.common import (HEAD_KINDS, PAPER_AP_HEAD_KINDS, PAPER_AP_MLP_KINDS, FactSet, LocalizationError,
                      PassCounter, Site, TracingResult, _batched, _ld_metric, _restore,
                      corrupt_subject_tokens, require_known, run_sites)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..evals import final_logits
+from mechunlearn_utils.evaluate.suite import final_logits
 
 BACKENDS = ("tl", "nnsight", "hf")
 LOCALIZATIONS_DIR = ("02_localization", "localizations")
@@ -119,7 +119,7 @@ def balanced_sample(df: pd.DataFrame, n: int | None, by: str, seed: int = 0) -> 
 
 def sports_facts(model, athletes: pd.DataFrame, n: int | None = None, seed: int = 0) -> FactSet:
     """Athletes in the paper's one-shot format, balanced over the sports; labels are the sports."""
-    from ..prompts import SPORTS, sport_prompt
+    from mechunlearn_utils.data.prompts import SPORTS, sport_prompt
 
     if len(athletes) == 0:
         raise LocalizationError("no athletes given: the sports fact set is empty")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .common import (FactSet, LocalizationError, PassCounter, Site, _add_rows, _batched, _ld_metric,
+from mechunlearn_utils.localize.common import (FactSet, LocalizationError, PassCounter, Site, _add_rows, _batched, _ld_metric,
                      corrupt_subject_tokens, require_known, run_sites)
 
 FLU_START = 2  # the paper's first FLU MLP on Gemma models (Llama-3-8B: 1)

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pandas as pd
 
-from .common import LocalizationError, TracingResult
-from .flu import FLUResult
-from .matching import ATTN_MATRICES, MLP_MATRICES, Localization, named_parameters
+from mechunlearn_utils.localize.common import LocalizationError, TracingResult
+from mechunlearn_utils.localize.flu import FLUResult
+from mechunlearn_utils.localize.matching import ATTN_MATRICES, MLP_MATRICES, Localization, named_parameters
 
 
 def localization_metrics(task: str, locs: dict) -> dict:

@@ -20,7 +20,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .common import (LocalizationError, PassCounter, Site, TracingResult, FactSet, _add_rows, _batched,
+from mechunlearn_utils.localize.common import (LocalizationError, PassCounter, Site, TracingResult, FactSet, _add_rows, _batched,
                      _restore, _softmax_p, gaussian_subject_noise, require_known, run_sites,
                      subject_embedding_std)
 

@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .probes import fit_probes
-from .prompts import sport_prompt
+from mechunlearn_utils.evaluate.probes import fit_probes
+from mechunlearn_utils.data.prompts import sport_prompt
 
 STEM = "04_probing_latent_knowledge"
 EDITS_STEM = "03_editing_and_unlearning"
@@ -150,7 +150,7 @@ def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edi
 
 def edit_paths(results_dir, task_name: str, methods=None) -> dict[str, Path]:
     """{method: saved edit (safetensors)} notebook 03 wrote for a task; a clear error when missing."""
-    from .results import MissingResultsError
+    from mechunlearn_utils.workbook.results import MissingResultsError
 
     folder = Path(results_dir) / EDITS_STEM / "edits" / task_name
     found = {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.exists() else {}
@@ -169,7 +169,7 @@ def edit_paths(results_dir, task_name: str, methods=None) -> dict[str, Path]:
 
 def task_from_edit(paths: dict[str, Path], athletes: pd.DataFrame, facts: pd.DataFrame | None = None):
     """Rebuild the task the edits were trained on (same split) from the metadata notebook 03 saved."""
-    from .tasks import make_task
+    from mechunlearn_utils.data.tasks import make_task
 
     metas = {m: json.loads(Path(p).with_suffix(".json").read_text()) for m, p in paths.items()}
     names = {(v["task"], json.dumps(v.get("task_meta", {}), sort_keys=True)) for v in metas.values()}
@@ -202,7 +202,7 @@ def _relative_change(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def first_edited_layer(path) -> int:
     """Lowest decoder layer whose weights a saved edit changed (0 when it trains anything below)."""
-    from .edit import first_trainable_layer
+    from mechunlearn_utils.edit.train import first_trainable_layer
 
     info = json.loads(Path(path).with_suffix(".json").read_text())
     return first_trainable_layer(info["param_names"])
@@ -216,8 +216,8 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
     bug: raises), that every weight is bit-identical afterwards (raises `WeightsChangedError`), and
     that the base residuals read again agree within `EVAL_ATOL` (relative; float rounding only).
     """
-    from .edit import edited
-    from .reproducibility import EVAL_ATOL, EvaluationDriftError, assert_weights_restored, weight_digests
+    from mechunlearn_utils.edit.train import edited
+    from mechunlearn_utils.core.reproducibility import EVAL_ATOL, EvaluationDriftError, assert_weights_restored, weight_digests
 
     digests = weight_digests(model)
 

@@ -37,9 +37,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import attacks as A
-from .edit import EditConfig, EditError, restore, select_parameters, snapshot, train_edit, train_split_measures
-from .evals import EDIT_CANDIDATES, lm_loss_on_text, sports_measure
+from mechunlearn_utils.attacks import attacks as A
+from mechunlearn_utils.edit.train import EditConfig, EditError, restore, select_parameters, snapshot, train_edit, train_split_measures
+from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, lm_loss_on_text, sports_measure
 
 STEM = "02b_depth_sweep"
 LOCALIZATION_STEM = "02_localization"
@@ -249,7 +249,7 @@ def depth_marks(loc_metrics: dict | None) -> tuple[dict, list[str]]:
     "probe_source": str, "extraction_source": str}, notes for the reader)."""
     m = loc_metrics or {}
     marks, notes = {}, []
-    run = f"`python -m mechunlearn_utils.runner --only {LOCALIZATION_STEM}` (same RESULTS_DIR)"
+    run = f"`python -m mechunlearn_utils.workbook.runner --only {LOCALIZATION_STEM}` (same RESULTS_DIR)"
     if "sports.probe.saturation_layer" in m:
         marks.update(probe_saturation_layer=int(m["sports.probe.saturation_layer"]),
                      probe_source="sports.probe.saturation_layer")

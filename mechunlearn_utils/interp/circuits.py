@@ -32,7 +32,7 @@ import seaborn as sns
 import torch
 from tqdm.auto import tqdm
 
-from .evals import unembed
+from mechunlearn_utils.evaluate.suite import unembed
 
 PATCH_COMPONENTS = {
     "resid_pre": "blocks.{}.hook_resid_pre",
@@ -583,7 +583,7 @@ def corruption_pairs(model, athletes: pd.DataFrame, pool: pd.DataFrame | None = 
     ``attrs['n_unpaired']``). Columns: athlete, sport, corrupt_athlete, corrupt_sport,
     clean_prompt, corrupt_prompt, n_tokens, subject_positions, answer_id, other_ids.
     """
-    from .prompts import SPORTS, sport_prompt
+    from mechunlearn_utils.data.prompts import SPORTS, sport_prompt
 
     if len(athletes) == 0:
         raise ValueError("no athletes given: the athlete set is empty")

@@ -28,7 +28,7 @@ def residuals_at(model, prompts: list[str], positions: list[int], batch_size: in
 
     `positions[i]` indexes `model.encode(prompts[i])` (BOS included), e.g. the last subject token.
     """
-    from .localize import Site, run_sites
+    from mechunlearn_utils.localize import Site, run_sites
 
     if len(prompts) == 0:
         raise ValueError("no prompts to probe: the fact set is empty")

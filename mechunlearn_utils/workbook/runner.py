@@ -1,8 +1,8 @@
 """Run the workbook's notebooks in order with papermill (used by `make workbook` and the tests).
 
-    python -m mechunlearn_utils.runner                 # every notebook, full mode
-    python -m mechunlearn_utils.runner --smoke         # SMOKE=True (CI)
-    python -m mechunlearn_utils.runner --only 01_factual_recall_circuits -p MODEL smollm2-135m
+    python -m mechunlearn_utils.workbook.runner                 # every notebook, full mode
+    python -m mechunlearn_utils.workbook.runner --smoke         # SMOKE=True (CI)
+    python -m mechunlearn_utils.workbook.runner --only 01_factual_recall_circuits -p MODEL smollm2-135m
 
 Executed notebooks land next to their metrics in RESULTS_DIR/<stem>/. The run stops at the first
 failing notebook and names the failing cell.
@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from .data import REPO_ROOT
-from .notebook import resolve_results_dir
+from mechunlearn_utils.core.paths import NOTEBOOK_DIR
+from mechunlearn_utils.workbook.notebook import resolve_results_dir
 
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) fails instead of blocking
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mechunlearn_utils.core.paths import DATA_DIR
+
 # Which notebook produces which results directory: used to tell the user what to run.
 NOTEBOOK_OF = {
     "00_setup": "notebooks/00_setup.py",
@@ -79,7 +81,7 @@ def read_metrics(results_dir, stem: str) -> dict:
         source = NOTEBOOK_OF.get(stem, f"notebooks/{stem}.py")
         raise MissingResultsError(
             f"{path} is missing: run {source} first (same RESULTS_DIR), e.g. "
-            f"`python -m mechunlearn_utils.runner --only {stem}`")
+            f"`python -m mechunlearn_utils.workbook.runner --only {stem}`")
     return json.loads(path.read_text())
 
 
@@ -135,7 +137,7 @@ def verdict_lines(table, tasks: dict, mcq_usable: bool, flu: str = "flu", ot=("a
 
 # --------------------------------------------------------------------------- side by side with the paper
 
-PAPER_RESULTS_CSV = Path(__file__).resolve().parent.parent / "data" / "paper_results.csv"
+PAPER_RESULTS_CSV = DATA_DIR / "paper_results.csv"
 PAPER_TABLE_OF_TASK = {"sport_to_golf": "sports_golf", "athletes_to_sport": "sports_athletes",
                        "counterfact": "counterfact"}
 

@@ -30,10 +30,10 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .edit import (EditError, answer_logprobs, first_trainable_layer, forget_loss, general_text_batch,
+from mechunlearn_utils.edit.train import (EditError, answer_logprobs, first_trainable_layer, forget_loss, general_text_batch,
                    lm_loss, task_examples)
-from .forward import prefix_hidden
-from .evals import EDIT_CANDIDATES
+from mechunlearn_utils.core.forward import prefix_hidden
+from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
 
 STEM = "06_weight_masking"
 DEFAULT_N_GRID = (10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
@@ -61,7 +61,7 @@ class _Mask(torch.nn.Module):
 
 def owners(model, names: list[str]) -> dict[str, tuple[torch.nn.Module, str]]:
     """{HF parameter name: (module holding it, attribute)}; clear errors for unknown or empty lists."""
-    from .localize import canonical_name
+    from mechunlearn_utils.localize import canonical_name
 
     if not names:
         raise MaskError("the localization names no parameters: nothing to mask")
@@ -230,8 +230,8 @@ def edit_measures(model, task, formats=("normal", "question"), maintain_formats=
     """The sports measures of `evals.evaluate_task` the sweep needs, with one forward per prompt set:
     ``forget.<fmt>.p_true`` and ``.p_target`` (the same prompts scored for both answers) for every
     format, ``maintain.<fmt>.p_true`` for `maintain_formats`. Same numbers as `evaluate_task`."""
-    from .evals import candidate_logprobs
-    from .prompts import sport_prompts
+    from mechunlearn_utils.evaluate.suite import candidate_logprobs
+    from mechunlearn_utils.data.prompts import sport_prompts
 
     if task.kind != "sports":
         raise MaskError(f"weight masking is set up for the sports tasks, not {task.name!r} ({task.kind})")

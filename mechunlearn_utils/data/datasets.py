@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .prompts import SPORTS
+from mechunlearn_utils.core.paths import DATA_DIR, PAPER_DATA_DIR
+from mechunlearn_utils.data.prompts import SPORTS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
-PAPER_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "paper"
 ATHLETES_CSV = DATA_DIR / "athletes.csv"
 COUNTERFACT_CSV = DATA_DIR / "counterfact_facts.csv"
 GENERAL_TEXT = DATA_DIR / "general_text.txt"
@@ -169,7 +167,7 @@ def default_vocabulary_words() -> list[str]:
 # --------------------------------------------------------------------------- known-fact filters
 
 def _cache_file(model_name: str, kind: str, df: pd.DataFrame, **params) -> Path:
-    from .models import cache_root
+    from mechunlearn_utils.core.paths import cache_root
 
     digest = hashlib.sha256(pd.util.hash_pandas_object(df.astype(str), index=False).values.tobytes()
                             + json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -202,8 +200,8 @@ def filter_known_athletes(model, athletes: pd.DataFrame, min_prob: float = 0.5,
     """Athletes whose sport the model ranks first (3-way) with p(sport token) >= `min_prob` on
     the paper's one-shot prompt (default 0.5: the paper keeps facts known with p >= about 0.5).
     Result attrs record the threshold and the counts."""
-    from .evals import score_prompts
-    from .prompts import sport_prompts
+    from mechunlearn_utils.evaluate.suite import score_prompts
+    from mechunlearn_utils.data.prompts import sport_prompts
 
     def score(model, df):
         return score_prompts(model, sport_prompts(list(df.athlete), list(df.sport)))
@@ -217,8 +215,8 @@ def filter_known_facts(model, facts: pd.DataFrame, min_prob: float = 0.1,
 
     Facts whose answers are not single tokens for this model are dropped (and counted in
     ``attrs['n_multi_token']``)."""
-    from .evals import score_prompts
-    from .prompts import counterfact_prompts
+    from mechunlearn_utils.evaluate.suite import score_prompts
+    from mechunlearn_utils.data.prompts import counterfact_prompts
 
     single = facts.apply(lambda r: all(_is_one_token(model, a) for a in
                                        [r.target_true, r.target_new, *r.neighborhood_answers]), axis=1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .prompts import SPORTS
+from mechunlearn_utils.data.prompts import SPORTS
 
 TASKS = ("sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport")
 

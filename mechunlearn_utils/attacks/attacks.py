@@ -45,13 +45,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import DATA_DIR
-from .edit import (answer_logprobs, edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss,
+from mechunlearn_utils.core.paths import DATA_DIR
+from mechunlearn_utils.edit.train import (answer_logprobs, edited, first_trainable_layer, forget_loss, general_text_batch, lm_loss,
                    restore, snapshot)
-from .evals import EDIT_CANDIDATES, candidate_token_ids, unembed
-from .forward import last_token_hidden, prefix_hidden
-from .prompts import SPORT_PARAPHRASE_TEMPLATES, sport_prompts
-from .results import MissingResultsError
+from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, candidate_token_ids, unembed
+from mechunlearn_utils.core.forward import last_token_hidden, prefix_hidden
+from mechunlearn_utils.data.prompts import SPORT_PARAPHRASE_TEMPLATES, sport_prompts
+from mechunlearn_utils.workbook.results import MissingResultsError
 
 CANDIDATES = EDIT_CANDIDATES
 SPORT_COLUMNS = CANDIDATES
@@ -700,7 +700,7 @@ def recovery_table(records: pd.DataFrame) -> pd.DataFrame:
 def attack_verdicts(records: pd.DataFrame, flu: str = "flu", rivals=("ap", "ct"), margin: float = 0.05) -> pd.DataFrame:
     """Per (task, attack): does FLU's edit hold better than the rivals' (lower forget p(true) after
     the attack, by at least `margin`)? The verdict rule of notebook 07 (`results.claim_verdict`)."""
-    from .results import claim_verdict
+    from mechunlearn_utils.workbook.results import claim_verdict
 
     rows = []
     for (task, attack), g in records.groupby(["task", "attack"], sort=False):

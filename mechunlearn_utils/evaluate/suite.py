@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .forward import last_token_hidden
-from .prompts import PromptSet
+from mechunlearn_utils.core.forward import last_token_hidden
+from mechunlearn_utils.data.prompts import PromptSet
 
 
 def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def sports_recall(model, athletes: pd.DataFrame, fmt: str = "normal", template: 
     The summary has n, accuracy (argmax over the candidate answers), mean_p_norm (probability of
     the right answer normalized over the candidates) and accuracy per sport.
     """
-    from .prompts import sport_prompts
+    from mechunlearn_utils.data.prompts import sport_prompts
 
     pset = sport_prompts(list(athletes.athlete), list(athletes.sport), fmt, template=template)
     scores = score_prompts(model, pset, batch_size, progress)
@@ -128,7 +128,7 @@ def sports_measure(model, athletes: pd.DataFrame, answer_col, fmt: str,
     """Mean normalized probability and argmax accuracy of `athletes[answer_col]` in one format.
 
     With a list of columns, returns {column: {"p", "acc"}} from a single pass over the prompts."""
-    from .prompts import sport_prompts
+    from mechunlearn_utils.data.prompts import sport_prompts
 
     cols = [answer_col] if isinstance(answer_col, str) else list(answer_col)
     psets = {c: sport_prompts(list(athletes.athlete), list(athletes[c]), fmt, candidates=candidates)
@@ -141,7 +141,7 @@ def counterfact_measure(model, facts: pd.DataFrame, fmt: str, answer="target_tru
                         batch_size: int = 32) -> dict:
     """Mean normalized probability and accuracy of a CounterFact answer in one format (a list of
     answers -> {answer: {"p", "acc"}} from one pass)."""
-    from .prompts import counterfact_prompts
+    from mechunlearn_utils.data.prompts import counterfact_prompts
 
     answers = [answer] if isinstance(answer, str) else list(answer)
     out = measure_answers(model, {a: counterfact_prompts(facts, fmt, a) for a in answers}, batch_size)

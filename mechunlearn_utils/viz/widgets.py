@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .prompts import SPORTS
+from mechunlearn_utils.data.prompts import SPORTS
 
 
 def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athlete: str, new_sport: str,
                      steps: int = 25, lr: float = 3e-4, general_text: list[str] | None = None) -> pd.DataFrame:
     """Edit one athlete's sport with a localization; the probability of the old and the new sport
     in every format, before and after. The base weights are restored afterwards."""
-    from .edit import EditConfig, restore, snapshot, train_edit
-    from .evals import sports_measure
-    from .tasks import Task
+    from mechunlearn_utils.edit.train import EditConfig, restore, snapshot, train_edit
+    from mechunlearn_utils.evaluate.suite import sports_measure
+    from mechunlearn_utils.data.tasks import Task
 
     row = athletes[athletes.athlete == athlete]
     if row.empty:

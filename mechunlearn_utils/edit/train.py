@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evals import unembed
-from .forward import hidden_from, last_token_hidden, prefix_hidden
-from .prompts import sport_prompt
-from .tasks import Task
+from mechunlearn_utils.evaluate.suite import unembed
+from mechunlearn_utils.core.forward import hidden_from, last_token_hidden, prefix_hidden
+from mechunlearn_utils.data.prompts import sport_prompt
+from mechunlearn_utils.data.tasks import Task
 
 UNLEARN_FLOOR = math.exp(-5)  # the paper ignores items already below this probability
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -348,8 +348,8 @@ def edited(model, path):
 
 def train_split_measures(model, task: Task) -> dict:
     """Training-format p(true) on the training split: {"forget_p_true", "maintain_p_true"}."""
-    from .evals import EDIT_CANDIDATES as cands
-    from .evals import counterfact_measure, sports_measure
+    from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES as cands
+    from mechunlearn_utils.evaluate.suite import counterfact_measure, sports_measure
 
     if task.kind == "sports":
         f = sports_measure(model, task.train_forget, "sport", "normal", cands)["p"]
@@ -394,7 +394,7 @@ def edit_and_evaluate(model, param_names: list[str], task: Task, general_text: l
                       config: EditConfig, eval_kwargs: dict, save_path=None, meta: dict | None = None,
                       progress: bool = True) -> tuple[dict, EditResult]:
     """Train one edit from the base weights, evaluate it, optionally save it, restore the base."""
-    from .evals import evaluate_task
+    from mechunlearn_utils.evaluate.suite import evaluate_task
 
     base = snapshot(model, param_names)
     try:

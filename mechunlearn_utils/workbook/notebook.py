@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import REPO_ROOT
-from .results import require_file
+from mechunlearn_utils.core.paths import REPO_ROOT
+from mechunlearn_utils.workbook.results import require_file
 
 SETUP_STEM = "00_setup"
 KNOWN_ATHLETES_FILE = "known_athletes.csv"
