@@ -1,5 +1,6 @@
-"""Command line: quick questions to a model.
+"""Command line: quick questions to a model, and the workbook runner.
 
+    python -m mechunlearn_utils run --smoke --only 00_setup     # = python -m mechunlearn_utils.workbook.runner ...
     python -m mechunlearn_utils recall --model gemma-3-270m --facts data/athletes.csv
     python -m mechunlearn_utils recall --facts my.csv --format question
     python -m mechunlearn_utils recall --facts my.csv --template "{athlete} is famous for playing"
@@ -31,12 +32,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="an edit saved by notebook 03 (.safetensors, with its .json) applied to the model first")
     rec.add_argument("--device", default="auto")
     rec.add_argument("--batch-size", type=int, default=32)
+    run = sub.add_parser("run", add_help=False, help="run the workbook's notebooks (options: run --help)")
+    run.add_argument("runner_args", nargs=argparse.REMAINDER)
     return ap
 
 
 def recall_command(args) -> dict:
     from mechunlearn_utils.data.datasets import load_athletes
-    from mechunlearn_utils.edit.train import load_edited
+    from mechunlearn_utils.edit.storage import load_edited
     from mechunlearn_utils.evaluate.suite import sports_recall
     from mechunlearn_utils.core.models import load_model
 
@@ -53,9 +56,14 @@ def recall_command(args) -> dict:
 
 def main(argv=None) -> int:
     from mechunlearn_utils.data.datasets import DataError
-    from mechunlearn_utils.edit.train import EditError
+    from mechunlearn_utils.edit.loop import EditError
     from mechunlearn_utils.core.models import ModelLoadError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # everything after `run` belongs to the runner, --help included
+        from mechunlearn_utils.workbook import runner
+
+        return runner.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         result = recall_command(args)

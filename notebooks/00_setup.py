@@ -47,7 +47,8 @@ import seaborn as sns
 import torch
 
 from mechunlearn_utils import load_model
-from mechunlearn_utils.data.datasets import filter_known_athletes, filter_known_facts, load_athletes, load_counterfact
+from mechunlearn_utils.data.datasets import load_athletes, load_counterfact
+from mechunlearn_utils.evaluate.known import filter_known_athletes, filter_known_facts
 from mechunlearn_utils.evaluate.suite import score_prompts, sports_recall, summarize
 from mechunlearn_utils.workbook.notebook import KNOWN_ATHLETES_FILE, KNOWN_FACTS_FILE, start
 from mechunlearn_utils.data.prompts import SPORT_FORMATS, counterfact_prompts, sport_prompts

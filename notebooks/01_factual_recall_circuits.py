@@ -31,7 +31,8 @@
 # **attention heads extract** it to the final token. Output-tracing methods mostly find the
 # second stage; the paper's robust edits target the first. We check that story on our model.
 #
-# Everything heavy lives in `mechunlearn_utils.interp.circuits` (tested on a tiny model); the cells
+# Everything heavy lives in `mechunlearn_utils.interp` (lens, patching, heads; plots in
+# `viz.circuits_plots`), tested on a tiny model; the cells
 # here are short on purpose. Run notebook 00 first: it chooses the athletes the model knows.
 
 # %% tags=["parameters"]
@@ -48,7 +49,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from mechunlearn_utils.interp import circuits as C
+from mechunlearn_utils import interp as C
+from mechunlearn_utils.viz import circuits_plots as V
 from mechunlearn_utils import load_model
 from mechunlearn_utils.workbook.notebook import known_athletes, start
 from mechunlearn_utils.data.prompts import SPORTS, sport_prompt
@@ -114,7 +116,7 @@ by_layer.round(3).T
 lens[lens.prompt == 0][["layer", "top_token", "rank_correct", "p_correct", "p_norm"]].round(3).T
 
 # %%
-fig = C.plot_logit_lens(lens, highlight=lens[lens.prompt == 0], label=EXAMPLE)
+fig = V.plot_logit_lens(lens, highlight=lens[lens.prompt == 0], label=EXAMPLE)
 save_figure(fig, RESULTS_DIR, STEM, "logit_lens")
 first_top1 = next((int(l) for l, v in by_layer.top1.items() if v >= 0.5), -1)
 print(f"first layer where the right sport is the top-1 token for >= half the athletes: {first_top1}")
@@ -145,7 +147,7 @@ gap = (dla.groupby("prompt").dla.sum() - dla.groupby("prompt").logit_diff.first(
 print(f"mean logit difference {dla.groupby('prompt').logit_diff.first().mean():.2f}; "
       f"components sum to it within {gap:.1e}")
 dla_mat = C.dla_matrix(dla)
-fig = C.plot_layer_by_head(dla_mat, f"DLA (mean over {len(prompts)} athletes)", "logit diff", center=0)
+fig = V.plot_layer_by_head(dla_mat, f"DLA (mean over {len(prompts)} athletes)", "logit diff", center=0)
 save_figure(fig, RESULTS_DIR, STEM, "dla_heatmap")
 
 # %% [markdown]
@@ -182,10 +184,11 @@ pairs[["athlete", "sport", "corrupt_athlete", "corrupt_sport", "n_tokens"]].head
 
 # %%
 ex = pairs.iloc[0]
-ex_result = C.activation_patching(model, ex.clean_prompt, ex.corrupt_prompt, ex.answer_id, ex.other_ids)
+ex_result = C.activation_patching(model, ex.clean_prompt, ex.corrupt_prompt, ex.answer_id, ex.other_ids,
+                                  direction="denoise")  # clean into corrupt: 0 corrupt .. 1 clean
 print(f"{ex.athlete} vs {ex.corrupt_athlete}: logit diff clean {ex_result.clean_logit_diff:.2f}, "
       f"corrupt {ex_result.corrupt_logit_diff:.2f}")
-fig = C.plot_patching_heatmaps(ex_result.scores, ex_result.tokens,
+fig = V.plot_patching_heatmaps(ex_result.scores, ex_result.tokens,
                                f"{ex.athlete} (clean) patched into {ex.corrupt_athlete} (corrupt)")
 save_figure(fig, RESULTS_DIR, STEM, "patching_example")
 
@@ -200,7 +203,7 @@ grid.update(zip(grid_pairs.athlete[1:], C.activation_patching_many(model, grid_p
 roles = [C.position_roles(grid[p.athlete].tokens, p.subject_positions) for p in grid_pairs.itertuples()]
 aligned = {c: C.align_by_role([grid[a][c] for a in grid], roles) for c in ("resid_pre", "mlp_out", "attn_out")}
 subject_cols = [c for c in aligned["resid_pre"].columns if not c[0].isdigit()]
-fig = C.plot_patching_heatmaps({c: t[subject_cols].to_numpy() for c, t in aligned.items()}, subject_cols,
+fig = V.plot_patching_heatmaps({c: t[subject_cols].to_numpy() for c, t in aligned.items()}, subject_cols,
                                f"Mean over {len(grid)} athletes, positions aligned by role")
 save_figure(fig, RESULTS_DIR, STEM, "patching_aligned")
 
@@ -215,7 +218,7 @@ save_figure(fig, RESULTS_DIR, STEM, "patching_aligned")
 # %%
 sites = C.patch_sites(model, pairs, precomputed=grid)
 curves = {(c, s): C.restore_by_layer(sites, c, s) for c, s in C.DEFAULT_SITES}
-fig = C.plot_restore_curves(sites, f"Restoration by layer ({len(pairs)} athletes)")
+fig = V.plot_restore_curves(sites, f"Restoration by layer ({len(pairs)} athletes)")
 save_figure(fig, RESULTS_DIR, STEM, "restore_by_layer")
 pd.DataFrame({f"{c} @ {s}": v for (c, s), v in curves.items()}).round(2).T
 
@@ -248,7 +251,7 @@ print(f"attention output at the final token: largest at layer {int(np.argmax(cur
 
 # %%
 attention = C.attention_to_subject(model, prompts, list(athletes.athlete))
-fig = C.plot_layer_by_head(pd.DataFrame(attention.mean(0)).rename(columns=lambda h: f"H{h}"),
+fig = V.plot_layer_by_head(pd.DataFrame(attention.mean(0)).rename(columns=lambda h: f"H{h}"),
                            "Attention from the final token to the subject", "attention")
 save_figure(fig, RESULTS_DIR, STEM, "attention_to_subject")
 best = np.unravel_index(attention.mean(0).argmax(), attention.shape[1:])
@@ -263,7 +266,7 @@ print(f"most subject-focused head: {best[0]}.{best[1]} ({attention.mean(0).max()
 # %%
 head_restore = C.head_patching_many(model, pairs)  # [athlete, layer, head]
 heads = C.extraction_heads(dla, attention, head_restore)
-fig = C.plot_layer_by_head(pd.DataFrame(head_restore.mean(0)).rename(columns=lambda h: f"H{h}"),
+fig = V.plot_layer_by_head(pd.DataFrame(head_restore.mean(0)).rename(columns=lambda h: f"H{h}"),
                            "Patching one head's output at the final token", "restore", center=0)
 save_figure(fig, RESULTS_DIR, STEM, "head_patching")
 heads.head(8).round(3)
@@ -280,7 +283,7 @@ heads.head(8).round(3)
 # heatmaps. Under papermill only the default athlete (already computed above) is drawn.
 
 # %%
-C.athlete_heatmap_widget(model, pairs, precomputed=grid)
+V.athlete_heatmap_widget(model, pairs, precomputed=grid)
 
 # %% [markdown]
 # ## 8 · Compared with the paper

@@ -293,7 +293,8 @@ print(f"largest |AP score difference| between backends: {tl_nn_gap:.2e}; seconds
 # %% [markdown]
 # ## 7 · Localizations, parameter-matched to FLU
 # FLU trains whole MLPs (gate, up, down) of its layers. CT and AP score a layer's attention by
-# |sum of its heads' signed scores| and its MLP by |mlp_in + mlp_out| (CT: |sum of head scores|,
+# |sum of its heads' signed scores| and its MLP by |mlp_in + mlp_out_prenorm| (the MLP's own
+# output, before the post-feedforward norm) (CT: |sum of head scores|,
 # |MLP score|), rank the units by that and add whole units until the FLU parameter count is
 # reached; "_mlp" variants rank MLPs only. `random` draws q, k, v, o, up, down matrices (no
 # gate, as the paper) to the same budget; `random_mlps` as many MLP layers as FLU; `nonlocalized`

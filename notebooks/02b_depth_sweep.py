@@ -68,8 +68,8 @@ import time
 
 import pandas as pd
 
-from mechunlearn_utils.attacks import attacks as A
-from mechunlearn_utils.edit import depth as D
+from mechunlearn_utils import attacks as A
+from mechunlearn_utils.attacks import depth as D
 from mechunlearn_utils import load_model
 from mechunlearn_utils.data.datasets import load_general_text
 from mechunlearn_utils.edit.train import EditConfig

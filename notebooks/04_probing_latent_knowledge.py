@@ -52,8 +52,9 @@ import time
 import pandas as pd
 
 from mechunlearn_utils import load_model
-from mechunlearn_utils.evaluate.latent import (edit_paths, flat_metrics, latent_curves, plot_latent_curves, probe_table,
-                                      probe_widget, summary, task_from_edit)
+from mechunlearn_utils.edit.storage import edit_paths, task_from_edit
+from mechunlearn_utils.evaluate.latent import (flat_metrics, latent_curves, plot_latent_curves, probe_table, probe_widget,
+                                               summary)
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.workbook.results import save_figure, write_metrics
 

@@ -78,7 +78,7 @@ import time
 import pandas as pd
 import seaborn as sns
 
-from mechunlearn_utils.attacks import attacks as A
+from mechunlearn_utils import attacks as A
 from mechunlearn_utils import load_model
 from mechunlearn_utils.data.datasets import load_general_text
 from mechunlearn_utils.workbook.notebook import known_athletes, start
@@ -151,7 +151,7 @@ sample = athletes.groupby("sport").head(LANG_BASE_PER_SPORT)
 lang_base = {lang: A.language_p_true(model, templates, lang, sample) for lang in LANGUAGES}
 lang_base["en (normal)"] = A.sports_p_true(model, sample)
 seconds["lang_base"] = time.perf_counter() - t0
-display(templates.loc[LANGUAGES, ["template", *A.SPORT_COLUMNS]])
+display(templates.loc[LANGUAGES, ["template", *A.EDIT_CANDIDATES]])
 pd.DataFrame(lang_base).T.round(3)
 
 # %% [markdown]

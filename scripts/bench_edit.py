@@ -34,8 +34,10 @@ def main(argv=None) -> dict:
 
     from mechunlearn_utils import load_model
     from mechunlearn_utils import localize as lz
-    from mechunlearn_utils.data.datasets import filter_known_athletes, load_athletes, load_general_text
-    from mechunlearn_utils.edit.train import EditConfig, restore, snapshot, train_edit
+    from mechunlearn_utils.data.datasets import load_athletes, load_general_text
+    from mechunlearn_utils.evaluate.known import filter_known_athletes
+    from mechunlearn_utils.edit.storage import restore, snapshot
+    from mechunlearn_utils.edit.train import EditConfig, train_edit
     from mechunlearn_utils.data.tasks import athletes_to_sport
 
     if args.threads:

@@ -38,7 +38,8 @@ def main(argv=None) -> dict:
 
     from mechunlearn_utils import load_model
     from mechunlearn_utils import localize as lz
-    from mechunlearn_utils.data.datasets import filter_known_athletes, load_athletes
+    from mechunlearn_utils.data.datasets import load_athletes
+    from mechunlearn_utils.evaluate.known import filter_known_athletes
     from mechunlearn_utils.evaluate.probes import cv_probe_accuracy, residuals_at
 
     if args.threads:

@@ -22,6 +22,25 @@ def tiny():
     return load_model("tiny-random", "cpu")
 
 
+@pytest.fixture(scope="module")
+def task():
+    """A small athletes_to_sport task (4 edited athletes, 8 maintained) from the athlete table."""
+    from mechunlearn_utils.data.datasets import load_athletes
+    from mechunlearn_utils.data.tasks import make_task
+
+    athletes = load_athletes().groupby("sport").head(10).reset_index(drop=True)
+    return make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+
+
+@pytest.fixture(scope="module")
+def text():
+    """General text the tiny word-level tokenizer knows: athlete names, ten 600-character pieces."""
+    from mechunlearn_utils.data.datasets import load_athletes
+
+    names = " ".join(load_athletes().athlete)
+    return [names[i:i + 600] for i in range(0, 6000, 600)]
+
+
 @pytest.fixture(scope="session")
 def smoke_results_dir(tmp_path_factory) -> Path:
     """RESULTS_DIR shared by the smoke runs (SMOKE_RESULTS_DIR reuses an earlier run's)."""

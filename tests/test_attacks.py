@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils.attacks import attacks as A
+from mechunlearn_utils import attacks as A
 from mechunlearn_utils.evaluate.suite import score_prompts
 from mechunlearn_utils.data.prompts import sport_prompts
 from mechunlearn_utils.workbook.results import MissingResultsError
@@ -41,7 +42,7 @@ def words(tiny):
 
 
 def test_candidate_scores_match_evals(tiny, words):
-    pset = sport_prompts(list(ATHLETES.athlete), list(ATHLETES.sport), candidates=A.CANDIDATES)
+    pset = sport_prompts(list(ATHLETES.athlete), list(ATHLETES.sport), candidates=A.EDIT_CANDIDATES)
     ref = score_prompts(tiny, pset)
     got = A.sports_p_true(tiny, ATHLETES)
     assert got["p"] == pytest.approx(ref.p_norm.mean(), abs=1e-5)
@@ -223,7 +224,7 @@ def test_quantized_context_restores_and_edit_survival(tiny):
 # --------------------------------------------------------------------------- languages
 
 def _write_templates(tmp_path, rows):
-    df = pd.DataFrame(rows, columns=["language", "template", *A.SPORT_COLUMNS])
+    df = pd.DataFrame(rows, columns=["language", "template", *A.EDIT_CANDIDATES])
     path = tmp_path / "templates.csv"
     df.to_csv(path, index=False)
     return path
@@ -276,7 +277,7 @@ def test_project_language_answers_with_gemma_tokenizer():
     t = A.load_language_templates()
     n_tokens = {}
     for lang, row in t.iterrows():
-        words = [row[s] for s in A.SPORT_COLUMNS]
+        words = [row[s] for s in A.EDIT_CANDIDATES]
         assert len(set(A.answer_token_ids(fake, words))) == 4, lang
         n_tokens.update({(lang, w): len(raw.encode(" " + w, add_special_tokens=False).ids) for w in words})
     multi = sorted(k for k, n in n_tokens.items() if n > 1)
@@ -318,7 +319,13 @@ def test_recovery_table_and_plots():
     assert table.loc[("t", "flu"), "soft_prompt"] == pytest.approx(0.2)
     assert table.loc[("t", "ap"), "soft_prompt"] == pytest.approx(0.9)
     assert list(table.index.get_level_values("method")) == ["flu", "ap"]
-    assert A.plot_recovery(table) is not None
+    fig = A.plot_recovery(table, "recovered")
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.collections[0].get_array().reshape(table.shape), table.to_numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(table.columns)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["t / flu", "t / ap"]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in table.to_numpy().ravel())
+    assert ax.get_title() == "recovered" and ax.get_xlabel() == "attack"
     v = A.attack_verdicts(rec).set_index("attack")
     assert v.loc["soft_prompt", "verdict"] == "reproduced"  # FLU .3 vs AP .9
     assert v.loc["quant_int8", "verdict"] == "not reproduced"  # FLU .1 vs AP .0

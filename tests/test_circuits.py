@@ -1,12 +1,15 @@
-"""Unit tests of mechunlearn_utils.interp.circuits on the tiny random Gemma-3 (fast)."""
+"""Unit tests of mechunlearn_utils.interp (lens, patching, heads) and its plots on the tiny random Gemma-3 (fast)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils.interp import circuits as C
-from mechunlearn_utils.evaluate.suite import final_logits
+from mechunlearn_utils import interp as C
+from mechunlearn_utils.interp import common as Ccommon, patching as P
+from mechunlearn_utils.viz import circuits_plots as V
+from mechunlearn_utils.core.logits import final_logits
+from mechunlearn_utils.core.sites import Site
 from mechunlearn_utils.data.prompts import sport_prompt
 
 CLEAN, CORRUPT = "Michael Jordan", "Tom Brady"  # two words each: equal token counts
@@ -100,9 +103,9 @@ def test_dla_heads_sum_to_attn_out_and_mlp_matches_projection(setup, random_norm
     b = tiny.tokenize([clean])
     names = [f"blocks.{l}.hook_{c}" for l in range(tiny.n_layers) for c in ("attn_out", "mlp_out")]
     with torch.no_grad():
-        acts, _ = C._capture(tiny, b, names + ["ln_final.hook_scale"])
+        acts, _ = Ccommon._capture(tiny, b, names + ["ln_final.hook_scale"])
         w = tiny.hf.lm_head.weight
-        d = (w[ids["basketball"]] - w[others].mean(0)) * C._norm_gain(tiny.hf.model.norm)
+        d = (w[ids["basketball"]] - w[others].mean(0)) * Ccommon._norm_gain(tiny.hf.model.norm)
         d = d / acts["ln_final.hook_scale"][0]
     mat = C.dla_matrix(dla)
     for l in range(tiny.n_layers):
@@ -149,7 +152,7 @@ def test_patching_matches_plain_run_with_hooks(setup, patched):
     _, cache = tiny.tl.run_with_cache(c_ids)
     T = c_ids.shape[1]
     for comp, l, p in [("mlp_out", 0, T - 3), ("attn_out", 1, T - 1), ("resid_pre", 1, T - 5)]:
-        name = C.PATCH_COMPONENTS[comp].format(l)
+        name = Site(comp, l).tl_name()
 
         def hook(t, hook, p=p, name=name):
             t[:, p] = cache[name][:, p]
@@ -168,9 +171,9 @@ def test_patching_without_shared_prefix(setup):
     others = [ids["baseball"], ids["football"]]
     clean = tiny.encode("Michael Jordan plays the sport of")[1:]  # drop BOS: differs at position 0
     corrupt = tiny.encode("Tom Brady plays the sport of")[1:]
-    pair = C._Pair(clean, corrupt, ids["basketball"], others, first_diff=0)
-    name = C.PATCH_COMPONENTS["resid_pre"].format(1)
-    scores, cl, co = C._patch_engine(tiny, [pair], [name],
+    pair = P._Pair(clean, corrupt, ids["basketball"], others, first_diff=0)
+    name = Site("resid_pre", 1).tl_name()
+    scores, cl, co = P._patch_engine(tiny, [pair], [name],
                                      lambda j, acts: [(p, [(name, p, None, acts[name][p])]) for p in (0, 3)])
     _, cache = tiny.tl.run_with_cache(torch.tensor([clean]))
     for p in (0, 3):
@@ -208,14 +211,14 @@ def test_head_patching_all_heads_equals_attn_out(setup, patched):
     assert heads.shape == (tiny.n_layers, tiny.n_heads) and np.isfinite(heads).all()
     assert np.abs(heads).max() > 1e-4
     # all heads of a layer at once == the layer's attention output (post-attn norm included)
-    pair = C._prepare_pair(tiny, clean, corrupt, ids["basketball"], others)
-    T, names = len(pair.clean_ids), [C.Z_HOOK.format(l) for l in range(tiny.n_layers)]
+    pair = P._prepare_pair(tiny, clean, corrupt, ids["basketball"], others)
+    T, names = len(pair.clean_ids), [Site("z", l).tl_name() for l in range(tiny.n_layers)]
 
     def all_heads(j, acts):
         return [(l, [(names[l], T - 1, h, acts[names[l]][T - 1, h]) for h in range(tiny.n_heads)])
                 for l in range(tiny.n_layers)]
 
-    scores, _, _ = C._patch_engine(tiny, [pair], names, all_heads)
+    scores, _, _ = P._patch_engine(tiny, [pair], names, all_heads)
     for l in range(tiny.n_layers):
         assert scores[0][l] == pytest.approx(patched["attn_out"][l, T - 1], abs=1e-4)
 
@@ -329,12 +332,12 @@ def test_plots_and_widget(setup, patched):
     import matplotlib.pyplot as plt
 
     tiny, ids, clean, corrupt = setup
-    fig = C.plot_patching_heatmaps({c: patched[c] for c in ("resid_pre", "mlp_out")}, patched.tokens)
+    fig = V.plot_patching_heatmaps({c: patched[c] for c in ("resid_pre", "mlp_out")}, patched.tokens)
     assert len(fig.axes) >= 2
     plt.close("all")
     athletes = pd.DataFrame(dict(athlete=["Michael Jordan", "Tom Brady"], sport=["basketball", "football"]))
     pairs = C.corruption_pairs(tiny, athletes)
-    box = C.athlete_heatmap_widget(tiny, pairs, components=("mlp_out",), precomputed={"Michael Jordan": patched})
+    box = V.athlete_heatmap_widget(tiny, pairs, components=("mlp_out",), precomputed={"Michael Jordan": patched})
     dropdown, image = box.children[0].children[0], box.children[1]
     assert dropdown.options == ("Michael Jordan", "Tom Brady")
     first = image.value
@@ -342,3 +345,25 @@ def test_plots_and_widget(setup, patched):
     dropdown.value = "Tom Brady"  # computes and draws the other athlete
     assert image.value[:4] == b"\x89PNG" and image.value != first
     assert not plt.get_fignums()  # figures are closed after rendering
+
+
+def test_patching_direction_denoise_and_noise(setup):
+    """denoise (clean into corrupt): 0 at the shared prefix, 1 when the whole final residual is
+    patched; noise (corrupt into clean): 0 at the prefix, -1 for the whole final residual."""
+    tiny, ids, clean, corrupt = setup
+    others = [ids["baseball"], ids["football"]]
+    L = tiny.n_layers
+    res = {d: C.activation_patching(tiny, clean, corrupt, ids["basketball"], others, ("resid_pre", "resid_post"),
+                                    progress=False, direction=d) for d in C.DIRECTIONS}
+    assert res["denoise"].direction == "denoise" and res["noise"].direction == "noise"
+    assert res["denoise"]["resid_post"][L - 1, -1] == pytest.approx(1.0, abs=1e-4)
+    assert res["noise"]["resid_post"][L - 1, -1] == pytest.approx(-1.0, abs=1e-4)
+    for d in C.DIRECTIONS:
+        assert res[d].clean_logit_diff == pytest.approx(res["denoise"].clean_logit_diff, abs=1e-5)
+        assert (res[d]["resid_pre"][:, :res[d].first_diff] == 0).all()
+    heads = {d: C.head_patching(tiny, clean, corrupt, ids["basketball"], others, direction=d) for d in C.DIRECTIONS}
+    assert heads["denoise"].shape == heads["noise"].shape == (L, tiny.n_heads)
+    with pytest.raises(ValueError, match="direction"):
+        C.activation_patching(tiny, clean, corrupt, ids["basketball"], others, progress=False, direction="up")
+    assert C.patching_score(3.0, 5.0, 1.0, "denoise") == pytest.approx(0.5)
+    assert C.patching_score(3.0, 5.0, 1.0, "noise") == pytest.approx(-0.5)

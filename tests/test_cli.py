@@ -45,7 +45,7 @@ def test_recall_with_an_edit_reports_the_edited_model(tmp_path, capsys):
     import torch
 
     from mechunlearn_utils import load_model
-    from mechunlearn_utils.edit.train import save_edit
+    from mechunlearn_utils.edit.storage import save_edit
 
     csv = tmp_path / "a.csv"
     csv.write_text("athlete,sport\nMichael Jordan,basketball\nBabe Ruth,baseball\nTom Brady,football\n")
@@ -61,3 +61,27 @@ def test_recall_with_an_edit_reports_the_edited_model(tmp_path, capsys):
     assert out["edit"] == str(path) and out["mean_p_norm"] != pytest.approx(base["mean_p_norm"], abs=1e-4)
     assert main(["recall", "--model", "tiny-random", "--facts", str(csv), "--edit", str(tmp_path / "none")]) == 2
     assert "03_editing_and_unlearning" in capsys.readouterr().err
+
+
+def test_run_forwards_its_arguments_to_the_workbook_runner(monkeypatch):
+    """`python -m mechunlearn_utils run ...` is the runner's command line (parsed, not executed)."""
+    from mechunlearn_utils.workbook import runner
+
+    seen = {}
+
+    def fake_run_all(results, params, only, until):
+        seen.update(results=results, params=params, only=only, until=until)
+        return {}
+
+    monkeypatch.setattr(runner, "run_all", fake_run_all)
+    assert main(["run", "--smoke", "--only", "00_setup", "-p", "MODEL", "smollm2-135m"]) == 0
+    assert seen == dict(results="", params={"SMOKE": True, "MODEL": "smollm2-135m"}, only=["00_setup"], until=None)
+    seen.clear()
+    assert runner.main(["--smoke", "--only", "00_setup"]) == 0  # the runner's own entry point still works
+    assert seen["only"] == ["00_setup"] and seen["params"] == {"SMOKE": True}
+
+
+def test_run_help_is_the_runners(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    assert exit_.value.code == 0 and "--smoke" in capsys.readouterr().out

@@ -3,8 +3,9 @@
 import pandas as pd
 import pytest
 
-from mechunlearn_utils.data.datasets import (PAPER_DATA_DIR, DataError, filter_known_athletes, load_athletes,
-                                    load_counterfact, load_general_text, parse_list_cell)
+from mechunlearn_utils.data.datasets import (PAPER_DATA_DIR, DataError, load_athletes, load_counterfact,
+                                             load_general_text, parse_list_cell)
+from mechunlearn_utils.evaluate.known import filter_known_athletes
 from mechunlearn_utils.data.prompts import SPORTS
 
 
@@ -76,3 +77,36 @@ def test_filter_known_athletes_applies_the_threshold(tiny):
     assert (everyone.p_correct >= 0).all() and strict.attrs["threshold"] == 0.99
     with pytest.raises(DataError, match="empty"):
         filter_known_athletes(tiny, athletes.head(0))
+
+
+def test_known_fact_cache_is_keyed_by_the_weights(tiny, tmp_path, monkeypatch):
+    """An edited model must not be served the base model's cached scores: editing one weight
+    changes the cache key, so the scores are computed again (and a repeat of the same weights hits)."""
+    import torch
+
+    from mechunlearn_utils.evaluate import known
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path))
+    monkeypatch.setattr(known, "UNCACHED_MODELS", set())
+    calls = []
+    real = known.score_prompts
+    monkeypatch.setattr(known, "score_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    athletes = load_athletes().head(6)
+    first = filter_known_athletes(tiny, athletes, min_prob=0.0)
+    again = filter_known_athletes(tiny, athletes, min_prob=0.0)
+    assert len(calls) == 1, "the same weights must hit the cache"
+    assert again.attrs["cache"] == first.attrs["cache"]
+    pd.testing.assert_frame_equal(first, again)  # the cache returns the numbers exactly
+    weight = tiny.hf.model.layers[1].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[0, 0] += 1.0
+        edited = filter_known_athletes(tiny, athletes, min_prob=0.0)
+        assert len(calls) == 2, "an edited model was served the base model's cached scores"
+        assert edited.attrs["cache"] != first.attrs["cache"]
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    filter_known_athletes(tiny, athletes, min_prob=0.0)
+    assert len(calls) == 2, "restoring the weights must find the base model's scores again"

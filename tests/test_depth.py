@@ -6,24 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mechunlearn_utils.attacks import attacks as A
-from mechunlearn_utils.edit import depth as D
-from mechunlearn_utils.data.datasets import load_athletes
-from mechunlearn_utils.edit.train import EditConfig, snapshot
+from mechunlearn_utils import attacks as A
+from mechunlearn_utils.attacks import depth as D
+from mechunlearn_utils.edit.storage import snapshot
+from mechunlearn_utils.edit.train import EditConfig
+from mechunlearn_utils.core.reproducibility import WeightsChangedError
 from mechunlearn_utils.workbook.results import write_metrics
-from mechunlearn_utils.data.tasks import make_task
-
-
-@pytest.fixture(scope="module")
-def task():
-    athletes = load_athletes().groupby("sport").head(10).reset_index(drop=True)
-    return make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
-
-
-@pytest.fixture(scope="module")
-def text():
-    names = " ".join(load_athletes().athlete)  # the tiny tokenizer knows athlete names
-    return [names[i:i + 600] for i in range(0, 6000, 600)]
 
 
 def _state(model) -> dict:
@@ -156,16 +144,25 @@ def test_window_metrics_are_flat_and_writable(window_row, tmp_path):
     assert write_metrics(tmp_path, D.STEM, m).exists()
 
 
-def test_check_restored_catches_a_changed_weight(tiny):
+def test_run_window_fails_when_the_base_is_not_restored(tiny, task, text, monkeypatch):
+    """run_window digests the window before and checks it after (`assert_weights_restored`)."""
     names = D.window_params(tiny, 0, 1)
-    base = snapshot(tiny, names)
-    D.check_restored(tiny, base)
-    with torch.no_grad():
-        D.select_parameters(tiny, names)[names[0]][0, 0] += 1e-6
+    base, real_restore = snapshot(tiny, names), D.restore
+
+    def restore_off_by_one_ulp(model, saved):
+        real_restore(model, saved)
+        with torch.no_grad():
+            w = D.select_parameters(model, names)[names[0]]
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+
+    cfg = D.DepthConfig(k=1, lrs=(1e-2,), edit=EditConfig(steps=1, batch_size=2, lm_coef=0.0),
+                        formats=(), languages=(), relearn=None)
+    monkeypatch.setattr(D, "restore", restore_off_by_one_ulp)
     try:
-        with pytest.raises(D.DepthError, match="not restored"):
-            D.check_restored(tiny, base)
+        with pytest.raises(WeightsChangedError, match="window MLP 0"):
+            D.run_window(tiny, 0, task, text, [], None, None, cfg)
     finally:
+        monkeypatch.undo()
         D.restore(tiny, base)
 
 

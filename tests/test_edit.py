@@ -1,12 +1,14 @@
 """Localized editing on the tiny model: only the named matrices change, the edit takes, it saves."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from mechunlearn_utils.data.datasets import load_athletes, load_general_text
-from mechunlearn_utils.edit.train import (EditConfig, EditError, edited, first_trainable_layer, forget_loss, load_edited,
-                                    restore, save_edit, snapshot, train_edit)
+from mechunlearn_utils.edit.loop import EditError, first_trainable_layer, forget_loss
+from mechunlearn_utils.edit.storage import edited, load_edited, restore, save_edit, snapshot
+from mechunlearn_utils.edit.train import EditConfig, train_edit
 from mechunlearn_utils.evaluate.suite import evaluate_task, sports_measure
 from mechunlearn_utils.core.forward import hidden_from, prefix_hidden
 from mechunlearn_utils.data.tasks import make_task
@@ -17,13 +19,6 @@ LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weigh
 @pytest.fixture(scope="module")
 def athletes():
     return load_athletes().groupby("sport").head(10).reset_index(drop=True)
-
-
-@pytest.fixture(scope="module")
-def text():
-    # the tiny tokenizer maps unknown words to <unk>: use athlete names as "general text"
-    names = " ".join(load_athletes().athlete)
-    return [names[i:i + 600] for i in range(0, 6000, 600)]
 
 
 def test_only_localized_weights_change_and_the_edit_takes(tiny, athletes, text):
@@ -133,7 +128,7 @@ def test_unrelated_facts_exclude_everything_the_task_touches():
 def test_lm_loss_on_sampled_positions_is_the_mean_over_those_positions(tiny):
     import numpy as np
 
-    from mechunlearn_utils.edit.train import lm_loss, sample_positions
+    from mechunlearn_utils.edit.loop import lm_loss, sample_positions
 
     batch = tiny.tokenize(["Michael Jordan plays the sport of basketball and Babe Ruth plays baseball"] * 2)
     batch = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -175,3 +170,32 @@ def test_sweep_trains_each_setting_from_the_base_and_restores_it(tiny, athletes,
     by_lr = {r["lr"]: r for r in rows}
     assert by_lr[3e-2]["forget_p_true"] < by_lr[1e-5]["forget_p_true"] - 0.005  # the larger lr unlearned more
     assert rows == sorted(rows, key=lambda r: (not r["took"], -r["maintain_p_true"] if r["took"] else r["forget_p_true"]))
+
+
+def test_train_loop_runs_a_loss_plug_in_and_stops_on_a_non_finite_loss():
+    """The one loop: the plug-in's loss is minimised, the record holds its terms, `after_step`
+    runs after each update, and a non-finite loss raises before any update."""
+    from mechunlearn_utils.edit.loop import EditError, train_loop
+
+    w = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.25)
+    seen = []
+    hist = train_loop([w], lambda step: ((w ** 2).sum(), {"w0": w[0].detach().clone()}), opt, 4, grad_clip=100.0,
+                      after_step=lambda: seen.append(float(w[0].detach())), progress=False)
+    assert [r["step"] for r in hist] == [0, 1, 2, 3] and seen == [1.5, 0.75, 0.375, 0.1875]
+    assert hist[0] == {"step": 0, "loss": 13.0, "w0": 3.0} and hist[-1]["loss"] < hist[0]["loss"]
+    with pytest.raises(EditError, match="loss became nan at step 0"):
+        train_loop([w], lambda step: (w.sum() * float("nan"), {}), opt, 2, progress=False)
+    assert float(w[0]) == 0.1875  # not updated by the failed step
+
+
+def test_attack_split_is_the_half_split_of_tasks():
+    from mechunlearn_utils import attacks as A
+    from mechunlearn_utils.data.tasks import split_half
+
+    athletes = load_athletes().head(9)
+    a, b = A.split_forget(athletes, seed=4)
+    c, d = split_half(athletes, np.random.default_rng(4))
+    pd.testing.assert_frame_equal(a, c)
+    pd.testing.assert_frame_equal(b, d)
+    assert len(a) == 4 and len(b) == 5

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mechunlearn_utils.data.datasets import load_athletes
-from mechunlearn_utils.edit.train import restore, save_edit, snapshot
-from mechunlearn_utils.evaluate.latent import (EDITS_STEM, athlete_residuals, edit_paths, flat_metrics, latent_curves,
+from mechunlearn_utils.edit.storage import EDITS_STEM, edit_paths, restore, save_edit, snapshot, task_from_edit
+from mechunlearn_utils.evaluate.latent import (athlete_residuals, flat_metrics, latent_curves,
                                       plot_latent_curves, probe_curves, probe_positions, probe_split, probe_table,
-                                      probe_widget, residual_cache, summary, task_from_edit, train_position_probes)
+                                      probe_widget, summary, train_position_probes)
 from mechunlearn_utils.evaluate.probes import residuals_at
 from mechunlearn_utils.core.reproducibility import EVAL_ATOL
 from mechunlearn_utils.workbook.results import MissingResultsError
@@ -46,26 +46,29 @@ def results_dir(tiny, task, tmp_path_factory):
     return root
 
 
-def test_residual_cache_matches_probes_residuals_at(tiny, athletes):
+def test_named_positions_read_in_one_pass_equal_one_position_at_a_time(tiny, athletes):
     names = list(athletes.athlete[:5])
     prompts, pos = probe_positions(tiny, names)
-    cache = residual_cache(tiny, prompts, pos, batch_size=2)
+    cache = residuals_at(tiny, prompts, pos, batch_size=2)
+    assert cache.keys() == pos.keys()
     for name in ("final", "subject"):
         ref = residuals_at(tiny, prompts, pos[name], backend="hf")
         assert cache[name].shape == (tiny.n_layers, 5, tiny.d_model)
-        np.testing.assert_allclose(cache[name], ref, atol=1e-5)
+        np.testing.assert_array_equal(cache[name], ref)  # same forward, same tensors
     # the subject position is the athlete's last token, before the final one
     assert all(s < f for s, f in zip(pos["subject"], pos["final"]))
     assert tiny.tokenizer.decode([tiny.encode(prompts[0])[pos["subject"][0]]]).strip() == names[0].split()[-1]
 
 
-def test_residual_cache_rejects_bad_input(tiny):
+def test_residuals_at_rejects_bad_input(tiny):
     with pytest.raises(ValueError, match="empty"):
-        residual_cache(tiny, [], {"final": []})
+        residuals_at(tiny, [], {"final": []})
     with pytest.raises(ValueError, match="positions for"):
-        residual_cache(tiny, ["Fact : a"], {"final": [0, 1]})
-    with pytest.raises(ValueError, match="outside"):
-        residual_cache(tiny, ["Fact : a"], {"final": [50]})
+        residuals_at(tiny, ["Fact : a"], {"final": [0, 1]})
+    with pytest.raises(ValueError, match="'final' position lies outside"):
+        residuals_at(tiny, ["Fact : a"], {"final": [50]})
+    with pytest.raises(ValueError, match="probe position lies outside"):
+        residuals_at(tiny, ["Fact : a"], [-1])
     with pytest.raises(ValueError, match="empty"):
         athlete_residuals(tiny, [])
 
@@ -115,7 +118,7 @@ def test_task_from_edit_rebuilds_the_same_split(results_dir, athletes, task):
     pd.testing.assert_frame_equal(again.train_maintain, task.train_maintain)
 
 
-def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir):
+def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir, capsys):
     names = EDITED + LATE["ap"]
     before = snapshot(tiny, names)
     res = latent_curves(tiny, task, athletes, edit_paths(results_dir, task.name), progress=False)
@@ -147,7 +150,15 @@ def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir):
         probe_table(res, "ct", "subject", 1)
     with pytest.raises(ValueError, match="layer"):
         probe_table(res, "flu", "subject", 9)
-    assert probe_widget({task.name: res}) is not None
+    ui = probe_widget({task.name: res})
+    (_, method), (position, layer) = ui.children[0].children, ui.children[1].children
+    capsys.readouterr()
+    method.value, position.value = "flu", "final"
+    layer.value = 0
+    shown = capsys.readouterr().out
+    assert str(probe_table(res, "flu", "final", 0)) in shown  # the slider's layer, the dropdowns' model
+    layer.value = 1
+    assert str(probe_table(res, "flu", "final", 1)) in capsys.readouterr().out
 
 
 def test_an_edit_that_changes_nothing_is_an_error(tiny, athletes, task, tmp_path):

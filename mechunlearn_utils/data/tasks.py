@@ -45,7 +45,9 @@ def _check_nonempty(df: pd.DataFrame, what: str) -> None:
         raise ValueError(f"the {what} set is empty: notebook 00 kept too few facts for this task")
 
 
-def _split_half(df: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_half(df: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(first half, second half) of the rows in the order of one permutation drawn from `rng`
+    (the second half takes the odd row): every held-out split of the workbook."""
     idx = rng.permutation(len(df))
     half = len(df) // 2
     return df.iloc[idx[:half]].reset_index(drop=True), df.iloc[idx[half:]].reset_index(drop=True)
@@ -61,9 +63,9 @@ def sport_to_golf(athletes: pd.DataFrame, sport: str = "basketball", seed: int =
     _check_nonempty(forget, f"{sport} athletes")
     if len(forget) < 2:
         raise ValueError(f"need at least 2 known {sport} athletes to hold half out, got {len(forget)}")
-    train_f, eval_f = _split_half(forget, rng)
+    train_f, eval_f = split_half(forget, rng)
     others = athletes[athletes.sport != sport].sample(frac=1.0, random_state=seed)
-    train_m, eval_m = _split_half(others.head(2 * n_maintain), rng)
+    train_m, eval_m = split_half(others.head(2 * n_maintain), rng)
     _check_nonempty(train_m, "maintain")
     name = "sport_to_golf" if mode == "edit" else "unlearn_sport"
     return Task(name, "sports", mode, train_f, train_m, eval_f, eval_m,
@@ -87,7 +89,7 @@ def athletes_to_sport(athletes: pd.DataFrame, n: int = 16, seed: int = 0, n_main
     forget = shuffled.head(n).copy()
     forget["target"] = [rng.choice([s for s in SPORTS if s != sp]) for sp in forget.sport]
     rest = shuffled.iloc[n:]
-    train_m, eval_m = _split_half(rest.head(2 * n_maintain), rng)
+    train_m, eval_m = split_half(rest.head(2 * n_maintain), rng)
     return Task("athletes_to_sport", "sports", "edit", forget, train_m, forget, eval_m,
                 meta=dict(n=n, seed=seed))
 
@@ -99,7 +101,7 @@ def counterfact_task(facts: pd.DataFrame, n: int = 16, seed: int = 0, n_maintain
     forget = facts.head(n).copy().reset_index(drop=True)
     forget["target"] = forget.target_new
     rest = facts.iloc[n:].sample(frac=1.0, random_state=seed)
-    train_m, eval_m = _split_half(rest.head(2 * n_maintain), np.random.default_rng(seed))
+    train_m, eval_m = split_half(rest.head(2 * n_maintain), np.random.default_rng(seed))
     return Task("counterfact", "counterfact", "edit", forget, train_m, forget, eval_m,
                 meta=dict(n=n, seed=seed))
 

@@ -30,12 +30,11 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from mechunlearn_utils.edit.train import (EditError, answer_logprobs, first_trainable_layer, forget_loss, general_text_batch,
-                   lm_loss, task_examples)
-from mechunlearn_utils.core.forward import prefix_hidden
-from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
+from mechunlearn_utils.core.paths import STEMS
+from mechunlearn_utils.edit.loop import EditError, edit_terms, train_loop
+from mechunlearn_utils.edit.train import edit_data
 
-STEM = "06_weight_masking"
+STEM = STEMS["masking"]
 DEFAULT_N_GRID = (10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 
 
@@ -146,41 +145,29 @@ def train_mask(model, param_names: list[str], task, general_text: list[str], con
         raise MaskError(f"unknown optimizer {cfg.optimizer!r}; choose 'adam' or 'sgd'")
     where = owners(model, list(param_names))
     thetas = {n: torch.nn.Parameter(torch.ones_like(getattr(m, a))) for n, (m, a) in where.items()}
-    start = first_trainable_layer(list(param_names)) if cfg.frozen_prefix else 0
-    forget, maintain = task_examples(model, task)
-    for ex in (forget, maintain):
-        ex.prefix = prefix_hidden(model.hf, ex.input_ids, ex.attention_mask, start)
-    text = general_text_batch(model, general_text, cfg.lm_batch * 4, cfg.lm_context) if cfg.lm_coef > 0 else None
-    text_prefix = None if text is None else prefix_hidden(model.hf, text["input_ids"], text["attention_mask"], start)
+    data = edit_data(model, param_names, task, general_text, cfg)
     opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(list(thetas.values()), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     n_weights = sum(t.numel() for t in thetas.values())
     result = MaskResult(list(param_names), asdict(cfg), {}, n_weights=n_weights)
+
+    def loss_fn(step):
+        loss, terms = edit_terms(model, data, rng, task.mode, cfg)
+        l1 = sum((1 - t.clamp(0, 1)).sum() for t in thetas.values())
+        return loss + cfg.l1_coef * l1, {**terms, "changed": l1}
+
+    @torch.no_grad()
+    def project():
+        for t in thetas.values():
+            t.clamp_(0.0, 1.0)  # projected: the mask stays in [0, 1]
+
+    def diverged(step, value):
+        return EditError(f"mask loss became {value} at step {step}: lower the learning rate")
+
     t0 = time.perf_counter()
     with masked(model, thetas):
-        for step in tqdm(range(cfg.steps), desc=f"mask ({task.name})", disable=not progress, leave=False):
-            f_idx = rng.choice(len(forget), min(cfg.batch_size, len(forget)), replace=False)
-            m_idx = rng.choice(len(maintain), min(cfg.batch_size, len(maintain)), replace=False)
-            lp_f, _ = answer_logprobs(model, forget.rows(f_idx), start)
-            lp_m, _ = answer_logprobs(model, maintain.rows(m_idx), start)
-            lf, lm_ = forget_loss(lp_f, task.mode), -lp_m.mean()
-            ll = lp_m.new_zeros(())
-            if text is not None:
-                t_idx = rng.choice(len(text["input_ids"]), min(cfg.lm_batch, len(text["input_ids"])), replace=False)
-                ll = lm_loss(model, {k: v[t_idx] for k, v in text.items()}, start,
-                             None if text_prefix is None else text_prefix[t_idx])
-            l1 = sum((1 - t.clamp(0, 1)).sum() for t in thetas.values())
-            loss = cfg.forget_coef * lf + cfg.maintain_coef * lm_ + cfg.lm_coef * ll + cfg.l1_coef * l1
-            if not torch.isfinite(loss):
-                raise EditError(f"mask loss became {loss.item()} at step {step}: lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for t in thetas.values():
-                    t.clamp_(0.0, 1.0)  # projected: the mask stays in [0, 1]
-            result.history.append(dict(step=step, loss=loss.item(), forget=lf.item(), maintain=lm_.item(),
-                                       lm=ll.item(), changed=float(l1.item()), p_forget=lp_f.exp().mean().item()))
+        result.history = train_loop(list(thetas.values()), loss_fn, opt, cfg.steps, on_nonfinite=diverged,
+                                    after_step=project, desc=f"mask ({task.name})", progress=progress)
     result.scores = {n: (1 - t.detach()).clamp(0, 1) for n, t in thetas.items()}
     result.seconds = time.perf_counter() - t0
     return result
@@ -221,40 +208,28 @@ def binary_masks(scores: dict[str, torch.Tensor], ranked: list[tuple[str, int]],
     return {k: v.view_as(scores[k]) for k, v in out.items()}
 
 
-CANDIDATES = EDIT_CANDIDATES
-
-
 @torch.no_grad()
 def edit_measures(model, task, formats=("normal", "question"), maintain_formats=("normal",),
                   batch_size: int = 32) -> dict:
-    """The sports measures of `evals.evaluate_task` the sweep needs, with one forward per prompt set:
-    ``forget.<fmt>.p_true`` and ``.p_target`` (the same prompts scored for both answers) for every
-    format, ``maintain.<fmt>.p_true`` for `maintain_formats`. Same numbers as `evaluate_task`."""
-    from mechunlearn_utils.evaluate.suite import candidate_logprobs
-    from mechunlearn_utils.data.prompts import sport_prompts
+    """The sports measures of `evaluate_task` the sweep needs (a view of the suite's
+    `sports_measure`, one forward per prompt set): ``forget.<fmt>.p_true`` and ``.p_target`` (the
+    same prompts scored for both answers) for every format, ``maintain.<fmt>.p_true`` for
+    `maintain_formats`. The same numbers as `evaluate_task`."""
+    from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, sports_measure
 
     if task.kind != "sports":
         raise MaskError(f"weight masking is set up for the sports tasks, not {task.name!r} ({task.kind})")
-
-    def p_norm(df, fmt, cols):
-        pset = sport_prompts(list(df.athlete), list(df.sport), fmt, candidates=CANDIDATES)
-        lps = np.stack(candidate_logprobs(model, pset, batch_size))
-        norm = np.exp(lps - np.logaddexp.reduce(lps, axis=1, keepdims=True))
-        out = []
-        for col in cols:  # the candidates (sports or MCQ letters) of each prompt do not depend on the answer
-            right = sport_prompts(list(df.athlete), list(df[col]), fmt, candidates=CANDIDATES).correct
-            out.append(float(norm[np.arange(len(df)), right].mean()))
-        return out
-
     out = {}
     edit = task.mode == "edit" and "target" in task.eval_forget
     for fmt in formats:
-        vals = p_norm(task.eval_forget, fmt, ["sport", "target"] if edit else ["sport"])
-        out[f"forget.{fmt}.p_true"] = vals[0]
+        r = sports_measure(model, task.eval_forget, ["sport", "target"] if edit else ["sport"], fmt,
+                           EDIT_CANDIDATES, batch_size)
+        out[f"forget.{fmt}.p_true"] = r["sport"]["p"]
         if edit:
-            out[f"forget.{fmt}.p_target"] = vals[1]
+            out[f"forget.{fmt}.p_target"] = r["target"]["p"]
     for fmt in maintain_formats:
-        out[f"maintain.{fmt}.p_true"] = p_norm(task.eval_maintain, fmt, ["sport"])[0]
+        out[f"maintain.{fmt}.p_true"] = sports_measure(model, task.eval_maintain, "sport", fmt, EDIT_CANDIDATES,
+                                                       batch_size)["p"]
     return out
 
 

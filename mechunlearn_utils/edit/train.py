@@ -11,35 +11,26 @@ run only through the upper layers (`forward.layers_from`); the one-shot example 
 shares runs once per batch (`forward.last_token_hidden`). For a late-layer localization this makes a
 step several times cheaper than full fine-tuning.
 
-An edit is saved as only the changed matrices (safetensors) plus a JSON of how it was made;
-`load_edited` puts it on a fresh base model and `restore` takes it off again.
+The loop itself and the loss terms are `edit.loop` (`train_loop`, `edit_terms`), shared with the
+weight masks and the attacks.
+
+An edit is saved as only the changed matrices (safetensors) plus a JSON of how it was made
+(`edit.storage`): `load_edited` puts it on a fresh base model and `restore` takes it off again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from mechunlearn_utils.evaluate.suite import unembed
-from mechunlearn_utils.core.forward import hidden_from, last_token_hidden, prefix_hidden
 from mechunlearn_utils.data.prompts import sport_prompt
 from mechunlearn_utils.data.tasks import Task
-
-UNLEARN_FLOOR = math.exp(-5)  # the paper ignores items already below this probability
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-class EditError(RuntimeError):
-    """Training could not proceed (diverged, bad input); the message says why."""
+from mechunlearn_utils.edit.loop import (EditData, EditError, Examples, cosine_schedule, edit_terms, examples,
+                                         first_trainable_layer, train_loop)
+from mechunlearn_utils.edit.storage import restore, save_edit, select_parameters, snapshot
 
 
 @dataclass
@@ -59,49 +50,7 @@ class EditConfig:
     seed: int = 0
 
 
-# --------------------------------------------------------------------------- frozen prefix
-
-def layer_index(param_name: str) -> int | None:
-    m = _LAYER_RE.search(param_name)
-    return int(m.group(1)) if m else None
-
-
-def first_trainable_layer(param_names: list[str]) -> int:
-    """Lowest decoder layer with a trainable matrix; 0 if anything below the layers trains."""
-    layers = [layer_index(n) for n in param_names]
-    if any(l is None and not n.endswith("model.norm.weight") for l, n in zip(layers, param_names)):
-        return 0  # embeddings (tied with the unembedding) train: nothing is frozen
-    found = [l for l in layers if l is not None]
-    return min(found) if found else 0
-
-
 # --------------------------------------------------------------------------- training data
-
-@dataclass
-class Examples:
-    """A fixed, tokenized set of prompts with one answer token each (+ its frozen prefix)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    last_index: torch.Tensor
-    answer_ids: torch.Tensor
-    prefix: torch.Tensor | None = None
-
-    def __len__(self):
-        return len(self.answer_ids)
-
-    def rows(self, idx):
-        return (self.input_ids[idx], self.attention_mask[idx], self.last_index[idx], self.answer_ids[idx],
-                None if self.prefix is None else self.prefix[idx])
-
-
-def _examples(model, prompts: list[str], answers: list[str]) -> Examples:
-    if not prompts:
-        raise EditError("a training set is empty: nothing to forget or maintain")
-    batch = model.tokenize(prompts)
-    ids = torch.tensor([model.answer_token_id(" " + a.strip()) for a in answers], device=model.hf.device)
-    return Examples(batch["input_ids"], batch["attention_mask"], batch["last_index"], ids)
-
 
 def task_examples(model, task: Task) -> tuple[Examples, Examples]:
     """(forget, maintain) examples in the training format. Forget answers: the injected answer for
@@ -112,65 +61,23 @@ def task_examples(model, task: Task) -> tuple[Examples, Examples]:
             same = f[f.target == f.sport]
             if len(same):
                 raise EditError(f"injected answer equals the true one for {list(same.athlete)[:3]}")
-        forget = _examples(model, [sport_prompt(a) for a in f.athlete],
-                           list(f.target) if task.mode == "edit" else list(f.sport))
-        maintain = _examples(model, [sport_prompt(a) for a in m.athlete], list(m.sport))
+        forget = examples(model, [sport_prompt(a) for a in f.athlete],
+                          list(f.target) if task.mode == "edit" else list(f.sport))
+        maintain = examples(model, [sport_prompt(a) for a in m.athlete], list(m.sport))
     else:
         if (f.target.str.strip() == f.target_true.str.strip()).any():
             raise EditError("injected answer equals the true one for some CounterFact facts")
-        forget = _examples(model, list(f.prompt), list(f.target if task.mode == "edit" else f.target_true))
-        maintain = _examples(model, list(m.prompt), list(m.target_true))
+        forget = examples(model, list(f.prompt), list(f.target if task.mode == "edit" else f.target_true))
+        maintain = examples(model, list(m.prompt), list(m.target_true))
     return forget, maintain
 
 
-def general_text_batch(model, paragraphs: list[str], n: int, context: int) -> dict:
-    """The first `context` tokens of `n` paragraphs (all long enough), as one batch."""
-    ids = [model.encode(p)[:context] for p in paragraphs[:n]]
-    ids = [x for x in ids if len(x) == context]
-    if not ids:
-        raise EditError(f"no general-text paragraph has {context} tokens")
-    t = torch.tensor(ids, device=model.hf.device)
-    return dict(input_ids=t, attention_mask=torch.ones_like(t))
-
-
-# --------------------------------------------------------------------------- losses
-
-def answer_logprobs(model, ex_rows, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(answer) and the full log-softmax row at each prompt's last token."""
-    input_ids, mask, last, answers, prefix = ex_rows
-    h = last_token_hidden(model, input_ids, mask, last, start, prefix)
-    logp = torch.log_softmax(unembed(model, h).float(), dim=-1)
-    return logp.gather(1, answers[:, None])[:, 0], logp
-
-
-def forget_loss(logp_true_or_target: torch.Tensor, mode: str) -> torch.Tensor:
-    """Editing: CE to the injected answer. Unlearning: -log(1 - p(true)), ignoring p < e^-5."""
-    if mode == "edit":
-        return -logp_true_or_target.mean()
-    p = logp_true_or_target.exp()
-    keep = p > UNLEARN_FLOOR
-    if not keep.any():
-        return logp_true_or_target.sum() * 0.0
-    return -torch.log1p(-p[keep].clamp(max=1 - 1e-6)).mean()
-
-
-def lm_loss(model, batch: dict, start: int, prefix, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy on general text (the retain loss), averaged over every position or
-    over `positions` [batch, k] (an unbiased estimate that skips most of the vocabulary-sized logits)."""
-    hidden = hidden_from(model.hf, batch["input_ids"], batch["attention_mask"], start, prefix)[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-    if positions is not None:
-        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        targets = targets.gather(1, positions)
-    logits = unembed(model, hidden).float()
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-def sample_positions(rng: np.random.Generator, n_seqs: int, n_positions: int, k: int) -> torch.Tensor | None:
-    """`k` distinct positions per sequence out of `n_positions` ([n_seqs, k]); None when k is 0 or covers all."""
-    if k <= 0 or k >= n_positions:
-        return None
-    return torch.tensor(np.stack([np.sort(rng.choice(n_positions, k, replace=False)) for _ in range(n_seqs)]))
+def edit_data(model, param_names: list[str], task: Task, general_text: list[str], cfg) -> EditData:
+    """The training data of an edit or a mask (`cfg`: an `EditConfig` or a `MaskConfig`)."""
+    start = first_trainable_layer(list(param_names)) if cfg.frozen_prefix else 0
+    forget, maintain = task_examples(model, task)
+    return EditData.build(model, forget, maintain, general_text, start, cfg.lm_coef, cfg.lm_batch,
+                          cfg.lm_context, getattr(cfg, "lm_positions", 0))
 
 
 # --------------------------------------------------------------------------- training
@@ -186,30 +93,6 @@ class EditResult:
     n_params: int = 0
 
 
-def select_parameters(model, param_names: list[str]) -> dict[str, torch.nn.Parameter]:
-    """The named HF parameters; a clear error for names the model lacks or an empty list."""
-    if not param_names:
-        raise EditError("the localization names no parameters to train")
-    named = model.named_parameters()
-    missing = [n for n in param_names if n not in named]
-    if missing:
-        raise EditError(f"{len(missing)} parameter(s) not in {model.name}, e.g. {missing[:2]}: "
-                        "was this localization made for another model?")
-    return {n: named[n] for n in param_names}
-
-
-def snapshot(model, param_names: list[str]) -> dict[str, torch.Tensor]:
-    """Copies of the named weights (to restore the base model after an edit)."""
-    return {n: p.detach().clone() for n, p in select_parameters(model, param_names).items()}
-
-
-@torch.no_grad()
-def restore(model, saved: dict[str, torch.Tensor]) -> None:
-    params = select_parameters(model, list(saved))
-    for n, t in saved.items():
-        params[n].copy_(t)
-
-
 def train_edit(model, param_names: list[str], task: Task, general_text: list[str],
                config: EditConfig | None = None, progress: bool = True) -> EditResult:
     """Fine-tune only `param_names` of `model.hf` on `task`, in place. Returns the loss history.
@@ -220,61 +103,33 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
     if cfg.steps < 1:
         raise EditError("steps must be at least 1")
     params = select_parameters(model, param_names)
-    start = first_trainable_layer(param_names) if cfg.frozen_prefix else 0
-    forget, maintain = task_examples(model, task)
-    use_text = cfg.lm_coef > 0
-    if use_text:
-        text = general_text_batch(model, general_text, cfg.lm_batch * 4, cfg.lm_context)
-        text_prefix = prefix_hidden(model.hf, text["input_ids"], text["attention_mask"], start)
-    for ex in (forget, maintain):
-        ex.prefix = prefix_hidden(model.hf, ex.input_ids, ex.attention_mask, start)
-
+    data = edit_data(model, param_names, task, general_text, cfg)
     rng = np.random.default_rng(cfg.seed)
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
-    sched = _cosine(opt, cfg.warmup_steps, cfg.steps)
-    result = EditResult(list(param_names), asdict(cfg), start_layer=start,
+    result = EditResult(list(param_names), asdict(cfg), start_layer=data.start,
                         n_params=sum(p.numel() for p in params.values()))
     last_good = {n: p.detach().clone() for n, p in params.items()}
+
+    def diverged(step, value):
+        restore(model, last_good)
+        return EditError(f"loss became {value} at step {step}: lower the learning rate "
+                         f"(lr={cfg.lr}); weights kept at their last good values")
+
+    def checkpoint():
+        if all(torch.isfinite(p).all() for p in params.values()):
+            for n, p in params.items():
+                last_good[n].copy_(p.detach())
+
     t0 = time.perf_counter()
     model.hf.train(False)  # no dropout; gradients still flow
-    bar = tqdm(range(cfg.steps), desc=f"{task.name}", disable=not progress, leave=False)
     try:
-        for step in bar:
-            f_idx = rng.choice(len(forget), min(cfg.batch_size, len(forget)), replace=False)
-            m_idx = rng.choice(len(maintain), min(cfg.batch_size, len(maintain)), replace=False)
-            lp_f, _ = answer_logprobs(model, forget.rows(f_idx), start)
-            lp_m, _ = answer_logprobs(model, maintain.rows(m_idx), start)
-            lf = forget_loss(lp_f, task.mode)
-            lm_ = -lp_m.mean()
-            ll = lp_m.new_zeros(())
-            if use_text:
-                t_idx = rng.choice(len(text["input_ids"]), min(cfg.lm_batch, len(text["input_ids"])), replace=False)
-                tb = {k: v[t_idx] for k, v in text.items()}
-                pos = sample_positions(rng, len(t_idx), tb["input_ids"].shape[1] - 1, cfg.lm_positions)
-                ll = lm_loss(model, tb, start, None if text_prefix is None else text_prefix[t_idx],
-                             None if pos is None else pos.to(tb["input_ids"].device))
-            loss = cfg.forget_coef * lf + cfg.maintain_coef * lm_ + cfg.lm_coef * ll
-            if not torch.isfinite(loss):
-                _put_back(params, last_good)
-                raise EditError(f"loss became {loss.item()} at step {step}: lower the learning rate "
-                                f"(lr={cfg.lr}); weights kept at their last good values")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            if not torch.isfinite(norm):
-                raise EditError(f"gradient norm became {norm.item()} at step {step}; weights kept at "
-                                "their last good values")
-            opt.step()
-            sched.step()
-            if all(torch.isfinite(p).all() for p in params.values()):
-                for n, p in params.items():
-                    last_good[n].copy_(p.detach())
-            row = dict(step=step, loss=loss.item(), forget=lf.item(), maintain=lm_.item(), lm=ll.item(),
-                       p_forget=lp_f.exp().mean().item())
-            result.history.append(row)
-            bar.set_postfix(forget=f"{row['forget']:.3f}", maintain=f"{row['maintain']:.3f}", lm=f"{row['lm']:.2f}")
+        result.history = train_loop(
+            list(params.values()), lambda step: edit_terms(model, data, rng, task.mode, cfg),
+            opt, cfg.steps, schedule=cosine_schedule(opt, cfg.warmup_steps, cfg.steps), grad_clip=cfg.grad_clip,
+            check_grad=True, on_nonfinite=diverged, after_step=checkpoint, postfix=("forget", "maintain", "lm"),
+            desc=task.name, progress=progress)
     finally:
         for p in params.values():
             p.requires_grad_(False)
@@ -282,66 +137,6 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
     result.seconds = time.perf_counter() - t0
     result.seconds_per_step = result.seconds / max(len(result.history), 1)
     return result
-
-
-@torch.no_grad()
-def _put_back(params: dict, saved: dict) -> None:
-    for n, p in params.items():
-        p.copy_(saved[n])
-
-
-def _cosine(opt, warmup: int, total: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        progress = (step - warmup) / max(total - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-# --------------------------------------------------------------------------- saving edits
-
-def save_edit(model, param_names: list[str], path, meta: dict) -> Path:
-    """Save only the edited matrices (safetensors) + `<path>.json` describing the edit."""
-    from safetensors.torch import save_file
-
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    params = select_parameters(model, param_names)
-    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(path))
-    info = {"model": model.name, "param_names": list(param_names), **meta}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=1, default=str))
-    return path
-
-
-def load_edited(model, path) -> dict[str, torch.Tensor]:
-    """Put a saved edit onto `model` (in place). Returns the base weights it replaced (`restore`)."""
-    from safetensors.torch import load_file
-
-    path = Path(path).with_suffix(".safetensors")
-    if not path.exists():
-        raise FileNotFoundError(f"no saved edit at {path}: run notebooks/03_editing_and_unlearning.py first")
-    info = json.loads(path.with_suffix(".json").read_text())
-    if info.get("model") != model.name:
-        raise EditError(f"edit {path.name} was made for {info.get('model')!r}, not {model.name!r}")
-    tensors = load_file(str(path))
-    base = snapshot(model, list(tensors))
-    params = select_parameters(model, list(tensors))
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
-    return base
-
-
-@contextlib.contextmanager
-def edited(model, path):
-    """`with edited(model, path): ...` evaluates the edited model, then restores the base."""
-    base = load_edited(model, path)
-    try:
-        yield model
-    finally:
-        restore(model, base)
 
 
 # --------------------------------------------------------------------------- experiments

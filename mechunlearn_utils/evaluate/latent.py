@@ -6,14 +6,13 @@ them, unchanged, to the residual stream of each **edited** model on the edited a
 still reads the true sport in the middle layers, the edit only rerouted the output (the knowledge is
 latent); if it reads the injected sport, the representation itself changed.
 
-* `residual_cache`      residual stream after every block at several named positions per prompt,
-                        one batched forward (``output_hidden_states``) per batch
-* `athlete_residuals`   the same for athletes' training-format prompts, at the final token and at
-                        the last subject token
+* `athlete_residuals`   residual stream after every block (`probes.residuals_at`) of athletes'
+                        training-format prompts, at the final token and the last subject token
 * `probe_split`         which athletes train the probes and which are probed, for a task
 * `train_position_probes` / `probe_curves`  per-layer probes (`probes.fit_probes`) and their
                         accuracy against the true and the injected label
-* `edit_paths` / `task_from_edit`  the edits notebook 03 saved, and the task they were made on
+* (the edits notebook 03 saved, and the task they were made on: `edit.storage.edit_paths`,
+  `edit.storage.task_from_edit`)
 * `latent_curves`       everything above for every saved edit of a task, as one long table
 * `plot_latent_curves`, `probe_table`, `probe_widget`  the figure, the per-athlete view and its widget
 
@@ -29,57 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from mechunlearn_utils.evaluate.probes import fit_probes
+from mechunlearn_utils.core.paths import STEMS
 from mechunlearn_utils.data.prompts import sport_prompt
+from mechunlearn_utils.evaluate.probes import fit_probes, residuals_at
 
-STEM = "04_probing_latent_knowledge"
-EDITS_STEM = "03_editing_and_unlearning"
+STEM = STEMS["latent"]
 POSITIONS = ("final", "subject")
 PROBE_TASKS = ("athletes_to_sport", "sport_to_golf")
 
 
 # --------------------------------------------------------------------------- activations
-
-@torch.no_grad()
-def residual_cache(model, prompts: list[str], positions: dict[str, list[int]], batch_size: int = 32,
-                   progress: bool = False) -> dict[str, np.ndarray]:
-    """Residual stream after every block at named positions: {name: array [layer, prompt, d_model]}.
-
-    `positions[name][i]` indexes `model.encode(prompts[i])` (BOS included). One forward per batch
-    with ``output_hidden_states`` (no unembedding); the last layer is read at the final norm's input.
-    """
-    if len(prompts) == 0:
-        raise ValueError("no prompts to probe: the athlete set is empty")
-    if not positions:
-        raise ValueError("name at least one position to read")
-    for name, pos in positions.items():
-        if len(pos) != len(prompts):
-            raise ValueError(f"position {name!r}: {len(pos)} positions for {len(prompts)} prompts")
-    n_layers = model.n_layers
-    out = {name: np.zeros((n_layers, len(prompts), model.d_model), dtype=np.float32) for name in positions}
-    final_in = {}
-    hook = model.hf.model.norm.register_forward_pre_hook(lambda mod, args: final_in.__setitem__("x", args[0]))
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="residuals", disable=not progress, leave=False):
-            idx = list(range(start, min(start + batch_size, len(prompts))))
-            batch = model.tokenize([prompts[i] for i in idx])
-            res = model.hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 output_hidden_states=True, use_cache=False)
-            layers = [*res.hidden_states[1:n_layers], final_in["x"]]  # after block 0 .. n-1
-            rows = torch.arange(len(idx))
-            for name, pos in positions.items():
-                p = torch.tensor([pos[i] for i in idx], device=batch["input_ids"].device)
-                if (p > batch["last_index"]).any() or (p < 0).any():
-                    raise ValueError(f"a {name!r} position lies outside its prompt")
-                for layer, h in enumerate(layers):
-                    out[name][layer, start:start + len(idx)] = h[rows, p].float().cpu().numpy()
-    finally:
-        hook.remove()
-    return out
-
 
 def probe_positions(model, athletes: list[str], fmt: str = "normal") -> tuple[list[str], dict[str, list[int]]]:
     """Prompts of `athletes` in a format, and their final-token and last-subject-token positions."""
@@ -91,11 +51,12 @@ def probe_positions(model, athletes: list[str], fmt: str = "normal") -> tuple[li
 
 def athlete_residuals(model, athletes: list[str], fmt: str = "normal", batch_size: int = 32,
                       progress: bool = False) -> dict[str, np.ndarray]:
-    """`residual_cache` of athletes' prompts at the final token and at the last subject token."""
+    """`probes.residuals_at` of athletes' prompts at the final token and at the last subject token:
+    {"final": array [layer, athlete, d_model], "subject": ...}."""
     if len(athletes) == 0:
         raise ValueError("no athletes to probe: the set is empty")
     prompts, positions = probe_positions(model, list(athletes), fmt)
-    return residual_cache(model, prompts, positions, batch_size, progress)
+    return residuals_at(model, prompts, positions, batch_size, progress=progress)
 
 
 # --------------------------------------------------------------------------- probes
@@ -146,40 +107,6 @@ def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edi
     return out
 
 
-# --------------------------------------------------------------------------- saved edits
-
-def edit_paths(results_dir, task_name: str, methods=None) -> dict[str, Path]:
-    """{method: saved edit (safetensors)} notebook 03 wrote for a task; a clear error when missing."""
-    from mechunlearn_utils.workbook.results import MissingResultsError
-
-    folder = Path(results_dir) / EDITS_STEM / "edits" / task_name
-    found = {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.exists() else {}
-    if not found:
-        raise MissingResultsError(
-            f"no edited model of task {task_name!r} in {folder}: run notebooks/{EDITS_STEM}.py first "
-            f"(same RESULTS_DIR, with {task_name!r} in its TASKS)")
-    if methods:
-        missing = [m for m in methods if m not in found]
-        if missing:
-            raise MissingResultsError(f"notebook 03 saved no {task_name!r} edit for {missing} (it has "
-                                      f"{sorted(found)}): run notebooks/{EDITS_STEM}.py with those methods")
-        found = {m: found[m] for m in methods}
-    return found
-
-
-def task_from_edit(paths: dict[str, Path], athletes: pd.DataFrame, facts: pd.DataFrame | None = None):
-    """Rebuild the task the edits were trained on (same split) from the metadata notebook 03 saved."""
-    from mechunlearn_utils.data.tasks import make_task
-
-    metas = {m: json.loads(Path(p).with_suffix(".json").read_text()) for m, p in paths.items()}
-    names = {(v["task"], json.dumps(v.get("task_meta", {}), sort_keys=True)) for v in metas.values()}
-    if len(names) != 1:
-        raise ValueError(f"the saved edits were made on different tasks or splits: {sorted(names)}")
-    info = next(iter(metas.values()))
-    kw = {k: info["task_meta"][k] for k in ("sport", "n", "seed") if k in info.get("task_meta", {})}
-    return make_task(info["task"], athletes=athletes, facts=facts, **kw)
-
-
 @dataclass
 class LatentResult:
     """Per-layer probe accuracy of every edited model of one task (long table) and its inputs."""
@@ -202,7 +129,7 @@ def _relative_change(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def first_edited_layer(path) -> int:
     """Lowest decoder layer whose weights a saved edit changed (0 when it trains anything below)."""
-    from mechunlearn_utils.edit.train import first_trainable_layer
+    from mechunlearn_utils.edit.loop import first_trainable_layer
 
     info = json.loads(Path(path).with_suffix(".json").read_text())
     return first_trainable_layer(info["param_names"])
@@ -216,7 +143,7 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
     bug: raises), that every weight is bit-identical afterwards (raises `WeightsChangedError`), and
     that the base residuals read again agree within `EVAL_ATOL` (relative; float rounding only).
     """
-    from mechunlearn_utils.edit.train import edited
+    from mechunlearn_utils.edit.storage import edited
     from mechunlearn_utils.core.reproducibility import EVAL_ATOL, EvaluationDriftError, assert_weights_restored, weight_digests
 
     digests = weight_digests(model)

@@ -1,6 +1,7 @@
 """Linear probes on the residual stream, layer by layer (sklearn logistic regression).
 
-* `residuals_at(model, prompts, positions)`   residual stream at one token per prompt, every layer
+* `residuals_at(model, prompts, positions)`   residual stream at one token per prompt (or at several
+                                             named ones), every layer
 * `cv_probe_accuracy(features, labels)`       cross-validated accuracy of a probe per layer
 * `fit_probes` / `probe_accuracy`            train probes on one set, score them on another
                                              (notebook 04: trained on maintain, applied to forget)
@@ -22,33 +23,43 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def residuals_at(model, prompts: list[str], positions: list[int], batch_size: int = 32,
-                 backend: str = "hf", counter=None, progress: bool = False) -> np.ndarray:
+def residuals_at(model, prompts: list[str], positions, batch_size: int = 32,
+                 backend: str = "hf", counter=None, progress: bool = False):
     """Residual stream after every block at one position per prompt: array [layer, prompt, d_model].
 
     `positions[i]` indexes `model.encode(prompts[i])` (BOS included), e.g. the last subject token.
+    With a dict ``{name: positions}`` every named position is read from the same forward pass and
+    the result is ``{name: array [layer, prompt, d_model]}`` (the one residual reader of the
+    workbook; notebook 04 reads the final and the last subject token this way).
     """
     from mechunlearn_utils.localize import Site, run_sites
 
+    named = positions if isinstance(positions, dict) else {None: positions}
     if len(prompts) == 0:
-        raise ValueError("no prompts to probe: the fact set is empty")
-    if len(prompts) != len(positions):
-        raise ValueError("one position per prompt is needed")
+        raise ValueError("no prompts to probe: the set is empty")
+    if not named:
+        raise ValueError("name at least one position to read")
+    for name, pos in named.items():
+        if len(pos) != len(prompts):
+            raise ValueError(f"position {name!r}: {len(pos)} positions for {len(prompts)} prompts "
+                             "(one position per prompt is needed)")
     n_layers = model.n_layers
     sites = [Site("resid_pre", l) for l in range(1, n_layers)] + [Site("resid_final")]
-    out = np.zeros((n_layers, len(prompts), model.d_model), dtype=np.float32)
+    out = {name: np.zeros((n_layers, len(prompts), model.d_model), dtype=np.float32) for name in named}
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="residuals", disable=not progress, leave=False):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         batch = model.tokenize([prompts[i] for i in idx])
-        pos = torch.tensor([positions[i] for i in idx], device=batch["input_ids"].device)
-        if (pos > batch["last_index"]).any():
-            raise ValueError("a probe position lies beyond its prompt's last token")
+        pos = {name: torch.tensor([p[i] for i in idx], device=batch["input_ids"].device) for name, p in named.items()}
+        for name, p in pos.items():
+            if (p > batch["last_index"]).any() or (p < 0).any():
+                raise ValueError(f"a {'probe' if name is None else repr(name)} position lies outside its prompt")
         run = run_sites(model, batch, capture=sites, backend=backend, counter=counter)
         rows = torch.arange(len(idx))
-        for layer, site in enumerate(sites):
-            out[layer, start:start + len(idx)] = run.acts[site][rows, pos].float().cpu().numpy()
-    return out
+        for name, p in pos.items():
+            for layer, site in enumerate(sites):
+                out[name][layer, start:start + len(idx)] = run.acts[site][rows, p].float().cpu().numpy()
+    return out if isinstance(positions, dict) else out[None]
 
 
 def _make_probe(C: float, seed: int):

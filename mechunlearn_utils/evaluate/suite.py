@@ -1,4 +1,10 @@
-"""Batched evaluation: probabilities of candidate answers at the final token.
+"""The one evaluation suite: probabilities of candidate answers at the final token.
+
+Every evaluation of the workbook is a view of one scoring core, `candidate_logprobs` (log p of
+each prompt's candidate answers; optional soft prompt, batch order): `score_prompts` per prompt,
+`measure_answers` / `sports_measure` / `counterfact_measure` as {"p", "acc"}, `evaluate_task` the
+paper's whole suite; `edit.masking.edit_measures`, `edit.train.train_split_measures`, the attacks'
+`sports_p_true` / `language_p_true` and the widgets' tables call these.
 
 The 262k-token vocabulary of Gemma-3 makes full-sequence logits costly, so everything here takes
 the hidden state at each prompt's last token and unembeds only that position; the one-shot example
@@ -13,26 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mechunlearn_utils.core.forward import last_token_hidden
+from mechunlearn_utils.core.logits import final_logits, unembed  # noqa: F401 (final_logits: re-exported)
 from mechunlearn_utils.data.prompts import PromptSet
 
-
-def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Final-norm'd hidden states [..., d] -> logits [..., vocab] (with Gemma's soft-capping)."""
-    logits = model.hf.lm_head(hidden)
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def final_logits(model, input_ids, attention_mask, last_index, **forward_kwargs) -> torch.Tensor:
-    """Logits [batch, vocab] at each prompt's last token (right-padded batch).
-
-    Gradients flow when called outside `torch.no_grad()` (training uses this too).
-    """
-    out = model.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
-    hidden = out.last_hidden_state[torch.arange(len(last_index), device=last_index.device), last_index]
-    return unembed(model, hidden)
+# The answers a sports edit is scored over, everywhere (evaluate_task, masks, attacks, widgets):
+# the three sports of the data plus golf, the injected answer of sport_to_golf.
+EDIT_CANDIDATES = ("basketball", "baseball", "football", "golf")
 
 
 def length_sorted_batches(model, prompts: list[str], batch_size: int):
@@ -51,19 +43,34 @@ def candidate_token_ids(model, candidates: list[list[str]]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def candidate_logprobs(model, pset: PromptSet, batch_size: int = 32, progress: bool = False) -> list[np.ndarray]:
-    """For each prompt, log p(candidate token) over the full vocabulary (one array per prompt)."""
+def candidate_logprobs(model, pset: PromptSet, batch_size: int = 32, progress: bool = False, *,
+                       cand_ids: list[list[int]] | None = None, soft: torch.Tensor | None = None,
+                       by_length: bool = True) -> list[np.ndarray]:
+    """The scoring core: for each prompt, log p(candidate token) over the full vocabulary at its
+    last token (one float32 array per prompt). Every evaluation of the workbook goes through here.
+
+    `cand_ids` overrides the candidates' token ids (e.g. first tokens of multi-token words);
+    `soft` is a soft prompt [k, d] inserted after BOS; `by_length` batches prompts of similar
+    length together (less padding), else in the given order."""
     if len(pset) == 0:
         raise ValueError("nothing to evaluate: the prompt set is empty")
-    cand_ids = candidate_token_ids(model, pset.candidates)
+    cand_ids = candidate_token_ids(model, pset.candidates) if cand_ids is None else cand_ids
+    soft = None if soft is None else soft.detach()
     result: list[np.ndarray | None] = [None] * len(pset)
-    batches = list(length_sorted_batches(model, pset.prompts, batch_size))
+    batches = (list(length_sorted_batches(model, pset.prompts, batch_size)) if by_length else
+               [(list(range(s, min(s + batch_size, len(pset)))), model.tokenize(pset.prompts[s:s + batch_size]))
+                for s in range(0, len(pset), batch_size)])
     for idx, batch in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
-        hidden = last_token_hidden(model, batch["input_ids"], batch["attention_mask"], batch["last_index"])
+        hidden = last_token_hidden(model, batch["input_ids"], batch["attention_mask"], batch["last_index"], soft=soft)
         logp = torch.log_softmax(unembed(model, hidden).float(), dim=-1)
         for row, i in enumerate(idx):
             result[i] = logp[row, cand_ids[i]].cpu().numpy()
     return result  # type: ignore[return-value]
+
+
+def normalized(lps: np.ndarray) -> np.ndarray:
+    """Probabilities renormalized over each prompt's candidates (rows of [prompt, candidate] log p)."""
+    return np.exp(lps - np.logaddexp.reduce(lps, axis=-1, keepdims=True))
 
 
 def score_prompts(model, pset: PromptSet, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
@@ -71,7 +78,7 @@ def score_prompts(model, pset: PromptSet, batch_size: int = 32, progress: bool =
     logps = candidate_logprobs(model, pset, batch_size, progress)
     rows = []
     for i, (lp, right) in enumerate(zip(logps, pset.correct)):
-        norm = np.exp(lp - np.logaddexp.reduce(lp))
+        norm = normalized(lp)
         rows.append(dict(prompt=pset.prompts[i], p_correct=float(np.exp(lp[right])),
                          p_norm=float(norm[right]), hit=bool(np.argmax(lp) == right),
                          predicted=pset.candidates[i][int(np.argmax(lp))].strip()))
@@ -117,7 +124,7 @@ def measure_answers(model, psets: dict[str, PromptSet], batch_size: int = 32) ->
     logps = candidate_logprobs(model, first, batch_size)
     out = {}
     for label, ps in psets.items():
-        p = [float(np.exp(lp[c] - np.logaddexp.reduce(lp))) for lp, c in zip(logps, ps.correct)]
+        p = [float(normalized(lp)[c]) for lp, c in zip(logps, ps.correct)]
         hit = [int(np.argmax(lp)) == c for lp, c in zip(logps, ps.correct)]
         out[label] = {"p": float(np.mean(p)), "acc": float(np.mean(hit))}
     return out
@@ -162,9 +169,6 @@ def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + t[:, 1:].numel()
     return total / count
-
-
-EDIT_CANDIDATES = ("basketball", "baseball", "football", "golf")  # the sports an edit is scored over
 
 
 def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_text: list[str] | None = None,

@@ -3,12 +3,12 @@
 Methods (Guo et al. 2024, section 3), one module each, following the authors' code
 (github.com/magikarp01/mechanistic-unlearning; each module's docstring names the file it follows):
 
-* `common`: fact sets, activation sites on three backends (TransformerLens, nnsight, plain hooks),
-  corruptions (Gaussian subject noise, random subject tokens), `TracingResult` and the paper's layer
+* `common`: fact sets (activation sites and the three backends, TransformerLens / nnsight / plain
+  hooks, are `core.sites`), corruptions (Gaussian subject noise, random subject tokens), `TracingResult` and the paper's layer
   aggregation (`aggregate_layer_scores`).
 * `tracing`: **CT**, causal tracing (`causal_tracing`).
 * `attribution`: **AP**, attribution patching (`attribution_patching`), checked against real
-  activation patching (`activation_patching`, `ap_agreement`).
+  activation patching (`interp.patching.activation_patching`, ``direction="noise"``; `ap_agreement`).
 * `flu`: **FLU** ("manual"): the contiguous early MLP range ending where the name-only probe
   saturates (`flu_range`), supported by path patching (`head_path_patching`, `mlp_path_patching`,
   `flu_search`: the threshold selection kept as ``flu_pp``).
@@ -20,14 +20,14 @@ Everything is re-exported here: ``from mechunlearn_utils import localize as lz; 
 """
 
 from mechunlearn_utils.localize.common import *  # noqa: F401,F403
-from mechunlearn_utils.localize.common import (_add_rows, _batched, _fact_seed, _hf_module, _ld_metric, _nn_envoy,  # noqa: F401
-                     _restore, _run_hf, _run_nnsight, _run_tl, _site_target, _softmax_p)
+from mechunlearn_utils.core.sites import (BACKENDS, HEAD_KINDS, MLP_KINDS, SITE_KINDS, PassCounter, RunResult,  # noqa: F401
+                                          Site, add_rows, head_dim, replace_rows, run_sites)
+from mechunlearn_utils.localize.common import _batched, _fact_seed, _ld_metric, _softmax_p  # noqa: F401
 from mechunlearn_utils.localize.tracing import *  # noqa: F401,F403
 from mechunlearn_utils.localize.attribution import *  # noqa: F401,F403
 from mechunlearn_utils.localize.attribution import _attr, _pearson, _ranks  # noqa: F401
 from mechunlearn_utils.localize.flu import *  # noqa: F401,F403
-from mechunlearn_utils.localize.flu import (_attn_output, _candidate_logits, _is_gemma_style, _ld_from_candidates,  # noqa: F401
-                  _mlp_output)
+from mechunlearn_utils.localize.flu import _attn_output, _candidate_logits, _mlp_output  # noqa: F401
 from mechunlearn_utils.localize.matching import *  # noqa: F401,F403
 from mechunlearn_utils.localize.matching import _MATRIX, _ORIG, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
 from mechunlearn_utils.localize.report import *  # noqa: F401,F403

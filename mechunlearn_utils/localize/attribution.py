@@ -2,11 +2,12 @@
 
 Follows localizations/ap/ap_wrapper.py (`AP`, `get_caches`, `generate_attr_scores`) and the sports
 run in masks_learning/create_masks.py of magikarp01/mechanistic-unlearning: sites hook_q, hook_k,
-hook_v, hook_result (per head), mlp_in and mlp_out; score = gradient of the logit difference x
+hook_v, hook_result (per head), mlp_in and mlp_out (our site ``mlp_out_prenorm``: the MLP's own
+output, before Gemma's post-feedforward norm); score = gradient of the logit difference x
 (corrupt - clean activation), summed over positions and batch; the corruption replaces the subject's
 tokens with random ASCII tokens such that the prompt keeps its tokenized length
 (`common.corrupt_subject_tokens`); 80 athletes. Layer scores and ranking: `common.aggregate_layer_scores`
-(attention: |sum of the heads' signed q, k, v, result scores|; MLP: |mlp_in + mlp_out|).
+(attention: |sum of the heads' signed q, k, v, result scores|; MLP: |mlp_in + mlp_out_prenorm|).
 
 ``hook_result`` is each head's output after W_O; we read ``z`` (o_proj's input) instead: the map from
 a head's z to its result is linear, so grad . delta is the same at both (the conservation the unit
@@ -25,15 +26,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechunlearn_utils.localize.common import (HEAD_KINDS, PAPER_AP_HEAD_KINDS, PAPER_AP_MLP_KINDS, FactSet, LocalizationError,
-                     PassCounter, Site, TracingResult, _batched, _ld_metric, _restore,
-                     corrupt_subject_tokens, require_known, run_sites)
+from mechunlearn_utils.core.sites import PassCounter, Site, run_sites
+from mechunlearn_utils.interp.patching import Component, activation_patching  # noqa: F401 (re-exported)
+from mechunlearn_utils.localize.common import (PAPER_AP_HEAD_KINDS, PAPER_AP_MLP_KINDS, FactSet, LocalizationError,
+                                               TracingResult, _ld_metric, corrupt_subject_tokens, require_known)
 
 AP_PAPER_FACTS = 80  # create_masks.py: df = df[:80]
 PAPER_AP_KINDS = PAPER_AP_HEAD_KINDS + PAPER_AP_MLP_KINDS
 # Scored by default: the paper's sites plus the gate activations (hook_pre) for the `ap_abs` variant.
-# (The down_proj input, mlp_post, would add nothing: down_proj is linear, so its AP score equals mlp_out's.)
-AP_KINDS = ("q", "k", "v", "z", "mlp_in", "mlp_pre", "mlp_out")
+# (The down_proj input, mlp_post, would add nothing: down_proj is linear, so its AP score equals mlp_out_prenorm's.)
+AP_KINDS = ("q", "k", "v", "z", "mlp_in", "mlp_pre", "mlp_out_prenorm")
 
 
 def _attr(site: Site, grad: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -89,59 +91,6 @@ def attribution_patching(model, facts: FactSet, batch_size: int = 32, backend: s
     return TracingResult("ap", scores, per_item, info, counter, time.perf_counter() - t0)
 
 
-@dataclass(frozen=True)
-class Component:
-    """A patchable unit: a site and (for head sites) one head."""
-
-    kind: str
-    layer: int
-    head: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.kind}{self.layer}" + ("" if self.head is None else f".{self.head}")
-
-
-@torch.no_grad()
-def activation_patching(model, facts: FactSet, components: list[Component], batch_size: int = 64,
-                        backend: str = "tl", seed: int = 0, corrupt_ids: torch.Tensor | None = None,
-                        counter: PassCounter | None = None) -> np.ndarray:
-    """Real patching: each component's corrupted activation into the clean run, one per row.
-
-    Returns, per component, (mean LD_patched - mean LD_clean) / (mean LD_clean - mean LD_corrupt),
-    the quantity attribution patching approximates.
-    """
-    if not components:
-        raise LocalizationError("no components to patch")
-    counter = counter if counter is not None else PassCounter()
-    corrupt_ids = corrupt_subject_tokens(model, facts, seed) if corrupt_ids is None else corrupt_ids
-    sites = sorted({Site(c.kind, c.layer) for c in components}, key=Site.order)
-    clean = _batched(model, facts, sites, backend, batch_size, counter)
-    corr = _batched(model, facts, sites, backend, batch_size, counter, corrupt_ids)
-    all_idx = torch.arange(len(facts))
-    ld_clean = _ld_metric(facts, all_idx)(clean["logits"])
-    ld_corrupt = _ld_metric(facts, all_idx)(corr["logits"])
-    rows = [(f, c) for c in range(len(components)) for f in range(len(facts))]
-    ld_rows = torch.zeros(len(rows))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        f_idx = torch.tensor([r[0] for r in chunk])
-        edits = {}
-        for site in sites:
-            sel = [i for i, r in enumerate(chunk) if Site(components[r[1]].kind, components[r[1]].layer) == site]
-            if not sel:
-                continue
-            heads = [components[chunk[i][1]].head for i in sel]
-            if site.kind in HEAD_KINDS:
-                edits[site] = _restore(corr[site], f_idx, sel, heads)
-            else:
-                edits[site] = _restore(corr[site], f_idx, sel)
-        out = run_sites(model, facts.batch(f_idx), edits, backend=backend, counter=counter)
-        ld_rows[start:start + len(chunk)] = _ld_metric(facts, f_idx)(out.logits.cpu())
-    ld = ld_rows.view(len(components), len(facts))
-    denom = float(ld_clean.mean() - ld_corrupt.mean())
-    return ((ld.mean(1) - ld_clean.mean()) / denom).numpy()
-
-
 def ap_component_value(ap: TracingResult, comp: Component) -> float:
     s = ap.scores[comp.kind]
     return float(s[comp.layer] if comp.head is None else s[comp.layer, comp.head])
@@ -180,14 +129,15 @@ def ap_agreement(model, facts: FactSet, ap: TracingResult, n_components: int = 1
                  batch_size: int = 64, backend: str = "tl", seed: int = 0) -> dict:
     """Compare attribution patching with real activation patching on a handful of components.
 
-    Uses the same random-token corruption (same seed) as `ap`. Returns the components, both
+    Real patching is `interp.patching.activation_patching` with ``direction="noise"`` (corrupt
+    into clean), the change AP estimates. Uses the same random-token corruption (same seed) as `ap`. Returns the components, both
     estimates, their Pearson and Spearman correlations and the passes real patching cost.
     """
     comps = pick_components(ap, n_components, seed)
     counter = PassCounter()
     t0 = time.perf_counter()
-    real = activation_patching(model, facts, comps, batch_size, backend, ap.info.get("seed", seed),
-                               counter=counter)
+    real = activation_patching(model, facts, components=comps, batch_size=batch_size, backend=backend,
+                               seed=ap.info.get("seed", seed), counter=counter, direction="noise")
     est = np.array([ap_component_value(ap, c) for c in comps])
     return dict(components=[str(c) for c in comps], ap=est.tolist(), patching=real.tolist(),
                 pearson=_pearson(est, real), spearman=_pearson(_ranks(est), _ranks(real)),

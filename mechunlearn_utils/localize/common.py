@@ -1,13 +1,11 @@
-"""Shared pieces of every localization method: fact sets, activation sites on three backends
-(TransformerLens, nnsight, plain PyTorch hooks), corruptions, and the result type of the
+"""Shared pieces of every localization method: fact sets, corruptions, and the result type of the
 output-tracing methods.
 
-Every activation is read and written through *sites* (`Site`): the same code runs on
-TransformerLens hooks (``backend="tl"``: hook points of the `TransformerBridge`, which live inside
-the HF modules), on nnsight (``backend="nnsight"``: ``model.model.layers[l].mlp`` /
-``.self_attn.{q,k,v,o}_proj`` of any HF decoder model, so the same call works on a large or remote
-model), or on plain PyTorch hooks on those same HF modules (``backend="hf"``: no extra library,
-and it never builds the bridge; building the bridge renames HF parameters, see `canonical_name`).
+Every activation is read and written through *sites* (`core.sites.Site`, `core.sites.run_sites`):
+the same code runs on TransformerLens hooks, nnsight or plain PyTorch hooks (``backend=``; the
+bridge renames HF parameters when built, see `canonical_name`). Note the MLP's output is the site
+``mlp_out_prenorm`` (before Gemma's post-feedforward norm), as in the paper's AP (``mlp_out`` is
+TransformerLens' ``hook_mlp_out``, after that norm).
 """
 
 from __future__ import annotations
@@ -20,10 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechunlearn_utils.evaluate.suite import final_logits
+from mechunlearn_utils.core.paths import STEMS
+from mechunlearn_utils.core.logits import logit_diff
+from mechunlearn_utils.core.sites import (BACKENDS, HEAD_KINDS, MLP_KINDS, SITE_KINDS, PassCounter,  # noqa: F401
+                                          RunResult, Site, head_dim, run_sites)
 
-BACKENDS = ("tl", "nnsight", "hf")
-LOCALIZATIONS_DIR = ("02_localization", "localizations")
+LOCALIZATIONS_DIR = (STEMS["localization"], "localizations")
 
 
 class LocalizationError(ValueError):
@@ -139,13 +139,6 @@ def counterfact_facts(model, facts: pd.DataFrame, n: int | None = None) -> FactS
                       [t.strip() for t in df.target_true])
 
 
-def logit_diff(logits: torch.Tensor, cand_ids: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
-    """Per row: logit of the right candidate minus the mean logit of the other candidates."""
-    cand = logits.gather(1, cand_ids.to(logits.device))
-    right = cand.gather(1, correct.to(logits.device)[:, None])[:, 0]
-    return right - (cand.sum(1) - right) / (cand.shape[1] - 1)
-
-
 def require_known(facts: FactSet, logits: torch.Tensor, rows=None) -> None:
     """Raise `UnknownFactError` when a fact's right answer is not the model's top candidate."""
     rows = list(range(len(facts))) if rows is None else list(rows)
@@ -159,258 +152,6 @@ def require_known(facts: FactSet, logits: torch.Tensor, rows=None) -> None:
             f"{len(bad)} of {len(rows)} {facts.task} facts are not known by the model: {shown}"
             f"{' ...' if len(bad) > 5 else ''}. Localize only facts the model knows: filter them "
             "with data.filter_known_athletes / filter_known_facts (notebook 00 does).")
-
-
-# =========================================================================== sites and backends
-
-SITE_KINDS = ("embed", "resid_pre", "q", "k", "v", "z", "mlp_in", "mlp_pre", "mlp_post", "mlp_out",
-              "resid_final")
-HEAD_KINDS = ("q", "k", "v", "z")  # shaped [batch, pos, head, d_head]
-MLP_KINDS = ("mlp_in", "mlp_pre", "mlp_post", "mlp_out")
-_ORDER = {k: i for i, k in enumerate(SITE_KINDS)}
-
-
-@dataclass(frozen=True)
-class Site:
-    """One activation: ``kind`` in SITE_KINDS at block ``layer`` (None for embed / resid_final).
-
-    * q/k/v: the q/k/v_proj outputs, [batch, pos, head, d_head] (k/v have the KV heads)
-    * z: the input of o_proj (each head's output before mixing), [batch, pos, head, d_head]
-    * mlp_in: the MLP's input (after the pre-MLP norm), [batch, pos, d_model]
-    * mlp_pre: the gate projection's output (TL hook_pre), [batch, pos, d_mlp]
-    * mlp_post: the MLP's hidden activations (input of down_proj, TL hook_post), [batch, pos, d_mlp]
-    * mlp_out: the MLP's output (before Gemma's post-feedforward norm), [batch, pos, d_model]
-    * resid_pre: the residual stream entering block ``layer``; resid_final: entering the final norm
-    """
-
-    kind: str
-    layer: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in SITE_KINDS:
-            raise ValueError(f"unknown site kind {self.kind!r}; choose one of {SITE_KINDS}")
-        if (self.layer is None) != (self.kind in ("embed", "resid_final")):
-            raise ValueError(f"site {self.kind!r} {'needs' if self.layer is None else 'takes no'} a layer")
-
-    def order(self) -> tuple:
-        if self.kind == "embed":
-            return (-1, 0)
-        if self.kind == "resid_final":
-            return (10 ** 9, 0)
-        return (self.layer, _ORDER[self.kind])
-
-    def tl_name(self) -> str:
-        return {"embed": "hook_embed", "resid_final": "ln_final.hook_in",
-                "resid_pre": f"blocks.{self.layer}.hook_resid_pre",
-                "q": f"blocks.{self.layer}.attn.hook_q", "k": f"blocks.{self.layer}.attn.hook_k",
-                "v": f"blocks.{self.layer}.attn.hook_v", "z": f"blocks.{self.layer}.attn.hook_z",
-                "mlp_in": f"blocks.{self.layer}.mlp.hook_in",
-                "mlp_pre": f"blocks.{self.layer}.mlp.hook_pre",
-                "mlp_post": f"blocks.{self.layer}.mlp.hook_post",
-                "mlp_out": f"blocks.{self.layer}.mlp.hook_out"}[self.kind]
-
-    def __str__(self) -> str:
-        return self.kind if self.layer is None else f"{self.kind}{self.layer}"
-
-
-@dataclass
-class PassCounter:
-    """Model passes spent: calls (batches) and sequences (rows), forward and backward."""
-
-    forward: int = 0
-    backward: int = 0
-    forward_sequences: int = 0
-    backward_sequences: int = 0
-
-    def add(self, n_rows: int, backward: bool = False) -> None:
-        self.forward += 1
-        self.forward_sequences += n_rows
-        if backward:
-            self.backward += 1
-            self.backward_sequences += n_rows
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class RunResult:
-    logits: torch.Tensor  # [batch, vocab] at each prompt's last token
-    acts: dict
-    grads: dict
-    metric: torch.Tensor | None = None
-
-
-def head_dim(model) -> int:
-    cfg = model.hf.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def run_sites(model, batch: dict, edits: dict | None = None, capture=(), backend: str = "tl",
-              grad_metric=None, counter: PassCounter | None = None) -> RunResult:
-    """One forward pass with edits and captures at sites, and optionally one backward pass.
-
-    * ``edits``: {Site: fn(activation) -> new activation} (head sites see [batch, pos, head, d_head])
-    * ``capture``: sites whose activation (after any edit) is returned in ``.acts``
-    * ``grad_metric``: fn(logits [batch, vocab]) -> per-row metric; when given, the gradient of its
-      sum w.r.t. every captured site is returned in ``.grads`` (the model's weights stay frozen)
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    edits = dict(edits or {})
-    capture = list(dict.fromkeys(capture))
-    run = {"tl": _run_tl, "nnsight": _run_nnsight, "hf": _run_hf}[backend]
-    with torch.set_grad_enabled(grad_metric is not None):
-        out = run(model, batch, edits, capture, grad_metric)
-    if counter is not None:
-        counter.add(len(batch["input_ids"]), backward=grad_metric is not None)
-    return out
-
-
-def _run_tl(model, batch, edits, capture, metric) -> RunResult:
-    """TransformerLens: bridge hook points (inside the HF modules) + last-token unembedding."""
-    tl = model.tl
-    acts, grads = {}, {}
-    need_grad = metric is not None
-    sites = set(edits) | set(capture) | ({Site("embed")} if need_grad else set())
-    fwd, bwd = [], []
-    for site in sites:
-        def fwd_hook(x, hook, site=site):
-            if site in edits:
-                x = edits[site](x)
-            if need_grad and site.kind == "embed":
-                x = x.detach().requires_grad_(True)  # frozen weights: start the graph here
-            if site in acts or site in capture:
-                acts[site] = x
-            return x
-        fwd.append((site.tl_name(), fwd_hook))
-        if need_grad and site in capture:
-            bwd.append((site.tl_name(), lambda g, hook, site=site: grads.__setitem__(site, g.detach())))
-    kwargs = {k: v.to(model.hf.device) for k, v in batch.items()}
-    with tl.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-        logits = final_logits(model, **kwargs)
-        value = None
-        if need_grad:
-            value = metric(logits)
-            value.sum().backward()
-    missing = [str(s) for s in capture if s not in acts]
-    if missing:
-        raise RuntimeError(f"TransformerLens hooks never fired for sites {missing}")
-    return RunResult(logits.detach(), {s: a.detach() for s, a in acts.items() if s in capture},
-                     grads, None if value is None else value.detach())
-
-
-def _site_target(base, site: Site):
-    """(submodule, 'input'|'output') of a site under a decoder root `base` (HF `model.model`, or
-    its nnsight envoy: both have the same attribute tree)."""
-    if site.kind == "embed":
-        return base.embed_tokens, "output"
-    if site.kind == "resid_final":
-        return base.norm, "input"
-    layer = base.layers[site.layer]
-    return {"resid_pre": (layer, "input"), "q": (layer.self_attn.q_proj, "output"),
-            "k": (layer.self_attn.k_proj, "output"), "v": (layer.self_attn.v_proj, "output"),
-            "z": (layer.self_attn.o_proj, "input"), "mlp_in": (layer.mlp, "input"),
-            "mlp_pre": (layer.mlp.gate_proj, "output"), "mlp_post": (layer.mlp.down_proj, "input"),
-            "mlp_out": (layer.mlp, "output")}[site.kind]
-
-
-def _nn_envoy(nn, site: Site):
-    """(envoy, 'input'|'output') of a site in any HF decoder model (model.model.layers[l]...)."""
-    return _site_target(nn.model, site)
-
-
-def _hf_module(model, site: Site):
-    """(module, 'input'|'output') of a site: the same HF modules nnsight uses."""
-    return _site_target(model.hf.model, site)
-
-
-def _run_hf(model, batch, edits, capture, metric) -> RunResult:
-    """Plain PyTorch forward hooks / pre-hooks on the HF modules."""
-    dh = head_dim(model)
-    need_grad = metric is not None
-    sites = set(edits) | set(capture) | ({Site("embed")} if need_grad else set())
-    acts: dict = {}
-
-    def apply(site, x):
-        shaped = x.view(*x.shape[:-1], -1, dh) if site.kind in HEAD_KINDS else x
-        if site in edits:
-            shaped = edits[site](shaped)
-        if need_grad and site.kind == "embed":
-            shaped = shaped.detach().requires_grad_(True)
-        if site in capture:
-            if need_grad and shaped.requires_grad:
-                shaped.retain_grad()
-            acts[site] = shaped
-        return shaped.reshape(x.shape)
-
-    def out_hook(site):
-        return lambda mod, args, out: apply(site, out)
-
-    def in_hook(site):
-        def hook(mod, args, kwargs):
-            if args:
-                return (apply(site, args[0]), *args[1:]), kwargs
-            key = next(iter(kwargs))
-            return args, {**kwargs, key: apply(site, kwargs[key])}
-        return hook
-
-    handles = []
-    try:
-        for site in sites:
-            mod, where = _hf_module(model, site)
-            handles.append(mod.register_forward_hook(out_hook(site)) if where == "output"
-                           else mod.register_forward_pre_hook(in_hook(site), with_kwargs=True))
-        kwargs = {k: v.to(model.hf.device) for k, v in batch.items()}
-        logits = final_logits(model, **kwargs)
-        value = None
-        if need_grad:
-            value = metric(logits)
-            value.sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-    grads = {s: a.grad.detach() for s, a in acts.items() if need_grad and a.grad is not None}
-    return RunResult(logits.detach(), {s: a.detach() for s, a in acts.items()}, grads,
-                     None if value is None else value.detach())
-
-
-def _run_nnsight(model, batch, edits, capture, metric) -> RunResult:
-    """nnsight: sites are module inputs/outputs, visited in forward order (nnsight 0.8 requires it)."""
-    nn = model.nn
-    dh = head_dim(model)
-    need_grad = metric is not None
-    sites = sorted(set(edits) | set(capture) | ({Site("embed")} if need_grad else set()),
-                   key=Site.order)
-    kwargs = {k: v.to(model.hf.device) for k, v in batch.items()}
-    raw, grads, box = {}, {}, {}  # filled inside the trace (nnsight runs the block itself)
-    with nn.trace(kwargs["input_ids"], attention_mask=kwargs["attention_mask"],
-                  logits_to_keep=kwargs["last_index"][:, None]):
-        for site in sites:
-            env, attr = _nn_envoy(nn, site)
-            act = getattr(env, attr)
-            changed = False
-            if site in edits:
-                shaped = act.view(*act.shape[:-1], -1, dh) if site.kind in HEAD_KINDS else act
-                act = edits[site](shaped).reshape(act.shape)
-                changed = True
-            if need_grad and site.kind == "embed":
-                act = act.detach().requires_grad_(True)
-                changed = True
-            if changed:
-                setattr(env, attr, act)
-            if site in capture:
-                raw[site] = act.save()
-        box["logits"] = nn.output.logits[:, 0].save()
-        if need_grad:
-            box["metric"] = metric(box["logits"]).save()
-            with box["metric"].sum().backward():
-                for site in reversed([s for s in sites if s in capture]):
-                    grads[site] = raw[site].grad.save()
-    logits, value = box["logits"], box.get("metric")
-    fix = lambda s, t: t.detach().view(*t.shape[:-1], -1, dh) if s.kind in HEAD_KINDS else t.detach()  # noqa: E731
-    return RunResult(logits.detach(), {s: fix(s, t) for s, t in raw.items()},
-                     {s: fix(s, g) for s, g in grads.items()}, None if value is None else value.detach())
 
 
 # =========================================================================== corruptions
@@ -542,29 +283,7 @@ def _softmax_p(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _ld_metric(facts: FactSet, f_idx):
     cand = facts.cand_ids[f_idx]
     corr = torch.tensor(facts.correct)[f_idx]
-    return lambda logits: logit_diff(logits.float(), cand, corr)
-
-
-def _add_rows(delta: torch.Tensor):
-    def edit(a):
-        return a + delta.to(a.device, a.dtype)
-    return edit
-
-
-def _restore(clean: torch.Tensor, f_idx: torch.Tensor, rows: list[int], heads: list[int] | None = None):
-    """Edit that puts the clean activation back in `rows` (for head sites: only `heads`)."""
-    rows_t = torch.tensor(rows)
-    src_rows = f_idx[rows_t]
-
-    def edit(a):
-        a = a.clone()
-        if heads is None:
-            a[rows_t] = clean[src_rows].to(a.device, a.dtype)
-        else:
-            h = torch.tensor(heads)
-            a[rows_t, :, h] = clean[src_rows, :, h].to(a.device, a.dtype)
-        return a
-    return edit
+    return lambda logits: logit_diff(logits.float().gather(1, cand.to(logits.device)), corr)
 
 
 def _batched(model, facts: FactSet, sites, backend, batch_size, counter, input_ids=None) -> dict:
@@ -585,17 +304,17 @@ def _batched(model, facts: FactSet, sites, backend, batch_size, counter, input_i
 # How a layer's score is formed from its components' scores (cb_utils/mask_utils.py of
 # magikarp01/mechanistic-unlearning, `get_top_components_no_subcomponents_gqa`, combine_heads=True,
 # combine_fn="sum"): attention = the SIGNED sum over heads and over the q, k, v, result scores;
-# MLP = the signed sum of mlp_in and mlp_out; units are then ranked by the absolute value.
+# MLP = the signed sum of mlp_in and mlp_out (our mlp_out_prenorm); units are then ranked by the absolute value.
 AGGREGATIONS = ("paper", "abs")
 PAPER_AP_HEAD_KINDS = ("q", "k", "v", "z")  # z: o_proj's input; grad.delta there equals it at hook_result
-PAPER_AP_MLP_KINDS = ("mlp_in", "mlp_out")
+PAPER_AP_MLP_KINDS = ("mlp_in", "mlp_out_prenorm")  # the MLP's input and output, both inside its norms
 
 
 def aggregate_layer_scores(scores: dict, aggregation: str = "paper") -> dict:
     """Per layer attention and MLP scores {'attn': [L], 'mlp': [L]} from component scores.
 
-    * AP scores ({q, k, v, z: [L, H], mlp_in, mlp_pre, mlp_out: [L]}), ``"paper"``:
-      attn[l] = |sum_h (q + k + v + z)[l, h]|, mlp[l] = |mlp_in[l] + mlp_out[l]| (mlp_pre unused;
+    * AP scores ({q, k, v, z: [L, H], mlp_in, mlp_pre, mlp_out_prenorm: [L]}), ``"paper"``:
+      attn[l] = |sum_h (q + k + v + z)[l, h]|, mlp[l] = |mlp_in[l] + mlp_out_prenorm[l]| (mlp_pre unused;
       the paper's `get_top_components_no_subcomponents_gqa`, cb_utils/mask_utils.py).
       ``"abs"`` (the workbook's earlier rule): sum of |score| over heads and every kind present
       (mlp_pre included), which lets many small scores of either sign add up.

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mechunlearn_utils.localize.common import (FactSet, LocalizationError, PassCounter, Site, _add_rows, _batched, _ld_metric,
-                     corrupt_subject_tokens, require_known, run_sites)
+from mechunlearn_utils.core.logits import logit_diff, token_logits
+from mechunlearn_utils.interp.heads import heads_by_effect
+from mechunlearn_utils.core.sites import PassCounter, Site, add_rows, is_gemma_style, run_sites
+from mechunlearn_utils.localize.common import FactSet, LocalizationError, _batched, _ld_metric, corrupt_subject_tokens, require_known
 
 FLU_START = 2  # the paper's first FLU MLP on Gemma models (Llama-3-8B: 1)
 SATURATION_RULES = ("plateau", "max")
@@ -87,40 +89,23 @@ def range_support(mlp_effect, layers: list[int]) -> dict:
                 layers_measured=len(eff))
 
 
-def _ld_from_candidates(c: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
-    """Logit difference from candidate logits c [b, ..., n_cand] and right indices [b]."""
-    idx = correct.view(-1, *[1] * (c.dim() - 1)).expand(*c.shape[:-1], 1)
-    right = c.gather(-1, idx)[..., 0]
-    return right - (c.sum(-1) - right) / (c.shape[-1] - 1)
-
-
-def _is_gemma_style(layer) -> bool:
-    """Gemma 2/3 blocks norm each sublayer's output (post_attention / post_feedforward norms)."""
-    return hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
-
-
 def _attn_output(model, l: int, z: torch.Tensor) -> torch.Tensor:
     """What block l's attention writes to the residual stream, from z [..., head, d_head]."""
     layer = model.layers[l]
     o = layer.self_attn.o_proj
     out = torch.nn.functional.linear(z.flatten(-2), o.weight, getattr(o, "bias", None))
-    return layer.post_attention_layernorm(out) if _is_gemma_style(layer) else out
+    return layer.post_attention_layernorm(out) if is_gemma_style(layer) else out
 
 
 def _mlp_output(model, l: int, mlp_out: torch.Tensor) -> torch.Tensor:
     """What block l's MLP writes to the residual stream, from the MLP's raw output."""
     layer = model.layers[l]
-    return layer.post_feedforward_layernorm(mlp_out) if _is_gemma_style(layer) else mlp_out
+    return layer.post_feedforward_layernorm(mlp_out) if is_gemma_style(layer) else mlp_out
 
 
 def _candidate_logits(model, resid: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
     """Final norm + unembedding of only the candidate tokens: resid [b, (n,) d] -> [b, (n,) n_cand]."""
-    normed = model.hf.model.norm(resid)
-    w = model.hf.lm_head.weight[cand_ids]  # [b, n_cand, d]
-    flat = normed.reshape(normed.shape[0], -1, normed.shape[-1])
-    logits = torch.einsum("bnd,bcd->bnc", flat, w).reshape(*normed.shape[:-1], cand_ids.shape[-1])
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return token_logits(model, model.hf.model.norm(resid), cand_ids)
 
 
 @torch.no_grad()
@@ -145,7 +130,7 @@ def head_path_patching(model, facts: FactSet, batch_size: int = 32, backend: str
     rows = torch.arange(len(facts))
     cand = facts.cand_ids
     corr_t = torch.tensor(facts.correct)
-    ld = lambda c: _ld_from_candidates(c, corr_t)  # noqa: E731
+    ld = lambda c: logit_diff(c, corr_t)  # noqa: E731
     dev = model.hf.device
     resid = clean[Site("resid_final")][rows, last].to(dev)
     ld_clean = ld(_candidate_logits(model, resid, cand.to(dev)).cpu())
@@ -183,7 +168,7 @@ def mlp_path_patching(model, facts: FactSet, receiver_layer: int, batch_size: in
         raise ValueError("positions must be 'subject' or 'all'")
     counter = counter if counter is not None else PassCounter()
     corrupt_ids = corrupt_subject_tokens(model, facts, seed) if corrupt_ids is None else corrupt_ids
-    senders = [Site("mlp_out", m) for m in range(receiver_layer)]
+    senders = [Site("mlp_out_prenorm", m) for m in range(receiver_layer)]
     clean = _batched(model, facts, senders, backend, batch_size, counter)
     require_known(facts, clean["logits"])
     corr = _batched(model, facts, senders, backend, batch_size, counter, corrupt_ids)
@@ -200,25 +185,13 @@ def mlp_path_patching(model, facts: FactSet, receiver_layer: int, batch_size: in
         chunk = rows[start:start + batch_size]
         f_idx = torch.tensor([r[0] for r in chunk])
         delta = deltas[f_idx, torch.tensor([r[1] for r in chunk])]
-        out = run_sites(model, facts.batch(f_idx), {Site("resid_pre", receiver_layer): _add_rows(delta)},
+        out = run_sites(model, facts.batch(f_idx), {Site("resid_pre", receiver_layer): add_rows(delta)},
                         backend=backend, counter=counter)
         ld_rows[start:start + len(chunk)] = _ld_metric(facts, f_idx)(out.logits.cpu())
     ld = ld_rows.view(receiver_layer, len(facts))
     effect = ((ld_clean.mean() - ld.mean(1)) / (ld_clean.mean() - ld_corrupt.mean())).numpy()
     return dict(effect=effect, ld_clean=float(ld_clean.mean()), ld_corrupt=float(ld_corrupt.mean()),
                 positions=positions, receiver_layer=receiver_layer)
-
-
-def extraction_heads(effect: np.ndarray, threshold: float = 0.05, top_k: int | None = None) -> list[tuple]:
-    """Heads whose direct effect reaches `threshold` (or the `top_k` largest), largest first."""
-    order = sorted(((float(effect[l, h]), l, h) for l in range(effect.shape[0])
-                    for h in range(effect.shape[1])), reverse=True)
-    chosen = order[:top_k] if top_k else [o for o in order if o[0] >= threshold]
-    if not chosen:
-        raise LocalizationError(
-            f"no head's direct effect reaches {threshold} (largest {order[0][0]:.3f} at layer "
-            f"{order[0][1]} head {order[0][2]}): lower the head threshold or give top_k")
-    return [(l, h) for _, l, h in chosen]
 
 
 @dataclass
@@ -267,7 +240,10 @@ def flu_search(model, facts: FactSet, threshold: float = 0.05, head_threshold: f
     counter = PassCounter()
     corrupt_ids = corrupt_subject_tokens(model, facts, seed)
     heads = head_path_patching(model, facts, batch_size, backend, seed, corrupt_ids, counter)
-    chosen = extraction_heads(heads["effect"], head_threshold, head_top_k)
+    try:
+        chosen = heads_by_effect(heads["effect"], head_threshold, head_top_k)
+    except ValueError as e:
+        raise LocalizationError(str(e)) from None
     receiver = min(l for l, _ in chosen) if receiver_layer is None else int(receiver_layer)
     if not receiver < model.n_layers:
         raise LocalizationError(f"receiver layer {receiver} outside 0..{model.n_layers - 1}")

@@ -178,7 +178,7 @@ class Localization:
         return cls(**data)
 
     def save(self, results_dir) -> Path:
-        from mechunlearn_utils.workbook.results import atomic_write_text
+        from mechunlearn_utils.core.paths import atomic_write_text
 
         path = localization_path(results_dir, self.task, self.method)
         atomic_write_text(path, self.to_json())
@@ -187,7 +187,7 @@ class Localization:
     @classmethod
     def load(cls, results_dir, task: str, method: str, model=None) -> "Localization":
         """Load RESULTS_DIR/02_localization/localizations/<task>/<method>.json (checked on `model`)."""
-        from mechunlearn_utils.workbook.results import MissingResultsError
+        from mechunlearn_utils.core.paths import MissingResultsError
 
         path = localization_path(results_dir, task, method)
         if not path.exists():
@@ -208,7 +208,7 @@ def load_localizations(results_dir, task: str, model=None) -> dict:
     """Every saved localization of a task: {method: Localization}."""
     folder = Path(results_dir).joinpath(*LOCALIZATIONS_DIR, task)
     if not folder.exists():
-        from mechunlearn_utils.workbook.results import MissingResultsError
+        from mechunlearn_utils.core.paths import MissingResultsError
 
         raise MissingResultsError(f"{folder} is missing: run notebooks/02_localization.py first")
     return {p.stem: Localization.load(results_dir, task, p.stem, model) for p in sorted(folder.glob("*.json"))}

@@ -20,9 +20,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mechunlearn_utils.localize.common import (LocalizationError, PassCounter, Site, TracingResult, FactSet, _add_rows, _batched,
-                     _restore, _softmax_p, gaussian_subject_noise, require_known, run_sites,
-                     subject_embedding_std)
+from mechunlearn_utils.core.sites import PassCounter, Site, add_rows, replace_rows, run_sites
+from mechunlearn_utils.localize.common import (FactSet, LocalizationError, TracingResult, _batched, _softmax_p,
+                                               gaussian_subject_noise, require_known, subject_embedding_std)
 
 CT_PAPER_FACTS = 80  # create_masks.py: df = df[:80]
 
@@ -46,7 +46,7 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
     t0 = time.perf_counter()
     counter = PassCounter()
     L, H = model.n_layers, model.n_heads
-    clean_sites = [Site(k, l) for l in range(L) for k in ("z", "mlp_out")]
+    clean_sites = [Site(k, l) for l in range(L) for k in ("z", "mlp_out_prenorm")]
     clean = _batched(model, facts, clean_sites, backend, batch_size, counter)
     require_known(facts, clean["logits"])
     correct = facts.correct_ids
@@ -60,15 +60,15 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
     for start in tqdm(chunks, desc="causal tracing", disable=not progress, leave=False):
         chunk = rows[start:start + batch_size]
         f_idx = torch.tensor([r[0] for r in chunk])
-        edits = {Site("embed"): _add_rows(noise[f_idx, torch.tensor([r[1] for r in chunk])])}
+        edits = {Site("embed"): add_rows(noise[f_idx, torch.tensor([r[1] for r in chunk])])}
         for l in range(L):
             mlp_rows = [i for i, r in enumerate(chunk) if r[2] >= 0 and comps[r[2]][:2] == ("mlp", l)]
             head_rows = [(i, comps[r[2]][2]) for i, r in enumerate(chunk)
                          if r[2] >= 0 and comps[r[2]][:2] == ("head", l)]
             if mlp_rows:
-                edits[Site("mlp_out", l)] = _restore(clean[Site("mlp_out", l)], f_idx, mlp_rows)
+                edits[Site("mlp_out_prenorm", l)] = replace_rows(clean[Site("mlp_out_prenorm", l)], f_idx, mlp_rows)
             if head_rows:
-                edits[Site("z", l)] = _restore(clean[Site("z", l)], f_idx, [i for i, _ in head_rows],
+                edits[Site("z", l)] = replace_rows(clean[Site("z", l)], f_idx, [i for i, _ in head_rows],
                                                [h for _, h in head_rows])
         out = run_sites(model, facts.batch(f_idx), edits, backend=backend, counter=counter)
         p_rows[start:start + len(chunk)] = _softmax_p(out.logits, correct[f_idx])

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechunlearn_utils.data.prompts import SPORTS
+from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
 
 
 def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athlete: str, new_sport: str,
                      steps: int = 25, lr: float = 3e-4, general_text: list[str] | None = None) -> pd.DataFrame:
     """Edit one athlete's sport with a localization; the probability of the old and the new sport
     in every format, before and after. The base weights are restored afterwards."""
-    from mechunlearn_utils.edit.train import EditConfig, restore, snapshot, train_edit
+    from mechunlearn_utils.edit.storage import restore, snapshot
+    from mechunlearn_utils.edit.train import EditConfig, train_edit
     from mechunlearn_utils.evaluate.suite import sports_measure
     from mechunlearn_utils.data.tasks import Task
 
@@ -24,12 +25,11 @@ def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athl
     forget = row.assign(target=new_sport).reset_index(drop=True)
     maintain = athletes[athletes.athlete != athlete].head(16).reset_index(drop=True)
     task = Task("one_athlete", "sports", "edit", forget, maintain, forget, maintain)
-    cands = (*SPORTS, "golf")
 
     def measure(stage):
         rows = []
         for fmt in ("normal", "question", "mcq"):
-            r = sports_measure(model, forget, ["sport", "target"], fmt, cands)
+            r = sports_measure(model, forget, ["sport", "target"], fmt, EDIT_CANDIDATES)
             rows.append({"stage": stage, "format": fmt, "p(sport)": r["sport"]["p"], "p(target)": r["target"]["p"]})
         return rows
 
@@ -53,7 +53,7 @@ def edit_fact_widget(model, localizations: dict, athletes: pd.DataFrame, general
 
     method = w.Dropdown(options=list(localizations), description="method")
     athlete = w.Dropdown(options=list(athletes.athlete), description="athlete")
-    sport = w.Dropdown(options=[*SPORTS, "golf"], value="golf", description="new sport")
+    sport = w.Dropdown(options=list(EDIT_CANDIDATES), value="golf", description="new sport")
     steps = w.IntSlider(value=25, min=5, max=100, step=5, description="steps")
     button, out = w.Button(description="edit and query"), w.Output()
 

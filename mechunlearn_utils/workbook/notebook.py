@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechunlearn_utils.core.paths import REPO_ROOT
+from mechunlearn_utils.core.paths import REPO_ROOT, STEMS
 from mechunlearn_utils.workbook.results import require_file
 
-SETUP_STEM = "00_setup"
+SETUP_STEM = STEMS["setup"]
 KNOWN_ATHLETES_FILE = "known_athletes.csv"
 KNOWN_FACTS_FILE = "known_facts.json"
 

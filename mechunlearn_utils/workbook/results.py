@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mechunlearn_utils.core.paths import DATA_DIR
+from mechunlearn_utils.core.paths import DATA_DIR, STEMS, MissingResultsError, atomic_write_text  # noqa: F401 (re-exported)
+from mechunlearn_utils.evaluate.verdicts import claim_verdict  # noqa: F401 (re-exported: notebook 07)
 
 # Which notebook produces which results directory: used to tell the user what to run.
-NOTEBOOK_OF = {
-    "00_setup": "notebooks/00_setup.py",
-    "01_factual_recall_circuits": "notebooks/01_factual_recall_circuits.py",
-    "02_localization": "notebooks/02_localization.py",
-}
-
-
-class MissingResultsError(FileNotFoundError):
-    """An earlier notebook's results are missing; the message says which notebook to run."""
+NOTEBOOK_OF = {stem: f"notebooks/{stem}.py" for stem in STEMS.values()}
 
 
 def notebook_dir(results_dir, stem: str) -> Path:
@@ -47,19 +38,6 @@ def _plain(value):
     if not isinstance(value, (str, int, float, bool, list, type(None))):
         raise TypeError(f"metric values must be numbers, strings, bools or lists, got {type(value)}")
     return value
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
@@ -180,22 +158,6 @@ def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "rele
     rob = attacks_long[attacks_long.measure == robustness][["task", "method", "value"]]
     out = rob.rename(columns={"value": "attack_p_true"}).merge(eff, on=["task", "method"])
     return out.dropna().reset_index(drop=True)
-
-
-def claim_verdict(values: dict, flu: str = "flu", rivals=("ap", "ct"), lower_is_better: bool = True,
-                  margin: float = 0.05) -> tuple[str, str]:
-    """Is FLU better than every rival by at least `margin`? -> (verdict, the numbers in words).
-
-    'reproduced' when FLU beats every rival by the margin, 'not reproduced' when it beats none,
-    'mixed' otherwise; 'not measured' when FLU or every rival is missing."""
-    present = [r for r in rivals if r in values]
-    if flu not in values or not present:
-        return "not measured", "missing: " + ", ".join(m for m in (flu, *rivals) if m not in values)
-    sign = 1 if lower_is_better else -1
-    wins = [sign * (values[r] - values[flu]) >= margin for r in present]
-    verdict = "reproduced" if all(wins) else ("not reproduced" if not any(wins) else "mixed")
-    words = f"FLU {values[flu]:.3f} vs " + ", ".join(f"{r} {values[r]:.3f}" for r in present)
-    return verdict, words
 
 
 TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step")

@@ -17,23 +17,23 @@ import sys
 import time
 from pathlib import Path
 
-from mechunlearn_utils.core.paths import NOTEBOOK_DIR
+from mechunlearn_utils.core.paths import NOTEBOOK_DIR, STEMS
 from mechunlearn_utils.workbook.notebook import resolve_results_dir
 
 CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) fails instead of blocking
 
 
 # Which earlier notebooks' results each notebook reads (07 reports 04 and 05 as "not measured" when absent).
-DEPENDS_ON = {
-    "01_factual_recall_circuits": ["00_setup"],
-    "02_localization": ["00_setup"],
-    "02b_depth_sweep": ["00_setup", "02_localization"],
-    "03_editing_and_unlearning": ["00_setup", "02_localization"],
-    "04_probing_latent_knowledge": ["03_editing_and_unlearning"],
-    "05_attacks": ["03_editing_and_unlearning"],
-    "06_weight_masking": ["03_editing_and_unlearning"],
-    "07_results": ["00_setup", "03_editing_and_unlearning", "04_probing_latent_knowledge", "05_attacks"],
-}
+DEPENDS_ON = {STEMS[k]: [STEMS[d] for d in deps] for k, deps in {
+    "circuits": ["setup"],
+    "localization": ["setup"],
+    "depth": ["setup", "localization"],
+    "edits": ["setup", "localization"],
+    "latent": ["edits"],
+    "attacks": ["edits"],
+    "masking": ["edits"],
+    "results": ["setup", "edits", "latent", "attacks"],
+}.items()}
 
 
 def prerequisites(stem: str) -> list[str]:

@@ -20,7 +20,8 @@ For each window:
 3. **Relearning** (`attacks.relearn`, LoRA as notebook 05 runs it): train on the true sports of
    one half of the forgotten athletes, score the other half (held-out) and the trained half.
 4. **Restore**: the window's base weights are put back and checked bit for bit
-   (`torch.equal`) before the next window (`DepthError` otherwise).
+   (`reproducibility.assert_weights_restored`: digests before and after) before the next window
+   (`WeightsChangedError` otherwise).
 
 Everything is a pure function of the model and its inputs; `plot_depth_sweep` draws the curves
 and `reading_guide` turns a run's numbers into sentences.
@@ -34,15 +35,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from mechunlearn_utils.attacks import attacks as A
-from mechunlearn_utils.edit.train import EditConfig, EditError, restore, select_parameters, snapshot, train_edit, train_split_measures
+from mechunlearn_utils import attacks as A  # the package: relearning, formats, languages
+from mechunlearn_utils.core.paths import STEMS
+from mechunlearn_utils.core.reproducibility import assert_weights_restored, weight_digests
+from mechunlearn_utils.edit.loop import EditError
+from mechunlearn_utils.edit.storage import restore, select_parameters, snapshot
+from mechunlearn_utils.edit.train import EditConfig, train_edit, train_split_measures
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, lm_loss_on_text, sports_measure
 
-STEM = "02b_depth_sweep"
-LOCALIZATION_STEM = "02_localization"
+STEM = STEMS["depth"]
+LOCALIZATION_STEM = STEMS["localization"]
 _MLP_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)\.weight$")
 
 # Measures of one window (metrics `window.<start>.<measure>`), lower = forgotten for forget_*.
@@ -50,7 +54,7 @@ FORMAT_MEASURES = ("forget_question", "forget_para1", "forget_para2", "forget_pa
 
 
 class DepthError(RuntimeError):
-    """The sweep cannot run as asked (bad window, base weights not restored); says why."""
+    """The sweep cannot run as asked (bad window, no language templates); says why."""
 
 
 # --------------------------------------------------------------------------- windows
@@ -178,18 +182,11 @@ def relearn_measures(model, task, general_text: list[str], cfg: DepthConfig) -> 
             "relearn_seconds": r.seconds}
 
 
-def check_restored(model, base: dict[str, torch.Tensor]) -> None:
-    """Raise DepthError unless every saved tensor equals the model's bit for bit."""
-    params = select_parameters(model, list(base))
-    bad = [n for n, t in base.items() if not torch.equal(params[n].detach(), t)]
-    if bad:
-        raise DepthError(f"{len(bad)} base weight(s) not restored exactly, e.g. {bad[:2]}")
-
-
 def run_window(model, start: int, task, general_text: list[str], heldout_text: list[str], base_lm_loss: float | None,
                templates: pd.DataFrame | None, cfg: DepthConfig, progress: bool = False) -> dict:
     """Edit one window at its own lr, measure it, relearn, restore the base (checked bitwise)."""
     names = window_params(model, start, cfg.k)
+    digests = weight_digests(model, names)
     base = snapshot(model, names)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -200,7 +197,7 @@ def run_window(model, start: int, task, general_text: list[str], heldout_text: l
             row.update(relearn_measures(model, task, general_text, cfg))
     finally:
         restore(model, base)
-    check_restored(model, base)
+    assert_weights_restored(model, digests, f"window {window_label(start, cfg.k)}")
     row.update(start=start, end=start + cfg.k - 1, centre=start + (cfg.k - 1) / 2, lr=chosen["lr"], took=chosen["took"],
                train_forget=chosen["forget_p_true"], train_maintain=chosen["maintain_p_true"],
                n_params=n_weights(model, names), n_trials=len(trials), trial_lrs=[r["lr"] for r in trials],
