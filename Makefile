@@ -1,13 +1,15 @@
 # Two commands do everything (each creates .venv when it is missing):
 #   make workbook   run every notebook in order (papermill), results under results/
-#   make test       unit tests + SMOKE papermill runs of every notebook
+#   make test       unit tests + SMOKE papermill runs of every notebook (+ the browser test)
+# then: make lab    JupyterLab on notebooks/ (widgets work); results/index.html: the executed workbook
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 RUNNER_ARGS ?=
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: workbook test venv smoke bench sync clean
+.PHONY: workbook test venv smoke bench sync clean lab
 
 venv: $(VENV)/.installed
 
@@ -30,6 +32,9 @@ test: venv
 
 smoke: venv
 	$(PY) -m mechunlearn_utils.workbook.runner --smoke $(RUNNER_ARGS)
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 sync: venv
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py

@@ -29,3 +29,17 @@ def test_prerequisites_come_in_workbook_order():
     assert needed == sorted(needed) and needed[-1] == "07_results"
     assert {"00_setup", "02_localization", "03_editing_and_unlearning", "05_attacks"} <= set(needed)
     assert set(needed) <= set(stems)
+
+
+def test_a_notebook_runs_over_ipc_and_is_written_as_html(tmp_path, monkeypatch, capfd):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
+                                          "print('transport', IPKernelApp.instance().transport)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "99_ok.ipynb")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    out = runner.run_notebook("99_ok", tmp_path / "results", {"SMOKE": True})
+    assert "transport ipc" in out.read_text()
+    assert "without encryption" not in capfd.readouterr().err  # the kernel's TCP warning
+    assert "transport ipc" in out.with_suffix(".html").read_text()

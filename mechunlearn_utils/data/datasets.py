@@ -1,6 +1,6 @@
-"""Data: the project's own files in data/ and the paper's reference copies.
+"""Data: the project's own files in data/ and the paper's files (`data.paper`: fetched into the cache).
 
-* `load_athletes(path)`       athlete,sport table (``"paper"`` reads ../shared/data/paper/sports.csv)
+* `load_athletes(path)`       athlete,sport table (``"paper"``: the paper's sports.csv, see `data.paper`)
 * `load_counterfact(path)`    CounterFact-style facts with list columns parsed
                               (``"paper"`` reads the paper's CSV, numpy-repr lists, + its MC parquet)
 * `load_general_text(path)`   paragraphs of general English for the LM retain loss / side effects
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechunlearn_utils.core.paths import DATA_DIR, PAPER_DATA_DIR
+from mechunlearn_utils.core.paths import DATA_DIR, PAPER_DATA_DIR  # noqa: F401 (re-exported: tests)
+from mechunlearn_utils.data.paper import PaperDataError, paper_file
 from mechunlearn_utils.data.prompts import SPORTS
 
 ATHLETES_CSV = DATA_DIR / "athletes.csv"
@@ -35,7 +36,10 @@ def _resolve(path, default: Path, paper_name: str) -> Path:
     if path is None or str(path) == "default":
         return default
     if str(path) == "paper":
-        return PAPER_DATA_DIR / paper_name
+        try:
+            return paper_file(paper_name)
+        except PaperDataError as err:
+            raise DataError(str(err)) from None
     return Path(path)
 
 

@@ -3,9 +3,13 @@
     python -m mechunlearn_utils.workbook.runner                 # every notebook, full mode
     python -m mechunlearn_utils.workbook.runner --smoke         # SMOKE=True (CI)
     python -m mechunlearn_utils.workbook.runner --only 01_factual_recall_circuits -p MODEL smollm2-135m
+    python -m mechunlearn_utils.workbook.runner -p DTYPE float32     # exact fp32 (also: MECHUNLEARN_DTYPE=float32)
 
-Executed notebooks land next to their metrics in RESULTS_DIR/<stem>/. The run stops at the first
-failing notebook and names the failing cell.
+Executed notebooks land next to their metrics in RESULTS_DIR/<stem>/, each also as <stem>.html, and
+RESULTS_DIR/index.html links them with their figures and headline numbers (`workbook.pages`). The
+run stops at the first failing notebook and names the failing cell.
+
+The kernel talks to papermill over IPC (Unix sockets), not unencrypted TCP on localhost.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from mechunlearn_utils.core.paths import NOTEBOOK_DIR, STEMS
 from mechunlearn_utils.workbook.notebook import resolve_results_dir
+from mechunlearn_utils.workbook.pages import export_html, write_index
 
 CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) fails instead of blocking
 
@@ -70,8 +75,31 @@ def _cell_source(nb_path: Path, exec_count) -> str:
         return ""
 
 
-def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_output: bool = False) -> Path:
-    """Execute notebooks/<stem>.ipynb with papermill; returns the executed notebook's path."""
+def ipc_kernel_manager():
+    """The kernel manager class papermill starts kernels with: jupyter_client's async manager with
+    IPC transport (ipykernel then has nothing to warn about: "running over TCP without encryption")."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
+def execute(src: Path, out: Path, parameters: dict, cwd: Path, log_output: bool = False) -> None:
+    """papermill `src` -> `out` in `cwd` with an IPC kernel (raises papermill's execution error)."""
+    import papermill as pm
+
+    pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                        progress_bar=False, log_output=log_output, execution_timeout=CELL_TIMEOUT_S,
+                        kernel_manager_class=ipc_kernel_manager())
+
+
+def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_output: bool = False,
+                 html: bool = True) -> Path:
+    """Execute notebooks/<stem>.ipynb with papermill; returns the executed notebook's path.
+    `html`: also write it as <stem>.html next to it (a failed notebook too, with its traceback)."""
     import papermill as pm
 
     src = NOTEBOOK_DIR / f"{stem}.ipynb"
@@ -82,14 +110,16 @@ def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_out
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {"RESULTS_DIR": str(results_dir), **(parameters or {})}
     try:
-        pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
-                            kernel_name="python3", progress_bar=False, log_output=log_output,
-                            execution_timeout=CELL_TIMEOUT_S)
+        execute(src, out, params, NOTEBOOK_DIR, log_output)
     except pm.PapermillExecutionError as err:
+        if html:
+            export_html(out)
         raise NotebookFailed(
             f"notebook {stem} failed in cell {err.cell_index} (execution count {err.exec_count}): "
             f"{err.ename}: {err.evalue}\n--- cell source ---\n{_cell_source(out, err.exec_count)}\n"
             f"--- executed notebook with the traceback: {out}") from None
+    if html:
+        export_html(out)
     return out
 
 
@@ -107,12 +137,16 @@ def run_all(results_dir=None, parameters: dict | None = None, only: list[str] | 
             raise ValueError(f"unknown notebook {until!r}; known: {stems}")
         stems = stems[: stems.index(until) + 1]
     times = {}
-    for i, stem in enumerate(stems, 1):
-        log(f"[{i}/{len(stems)}] {stem} ...", flush=True) if log is print else log(stem)
-        t0 = time.perf_counter()
-        run_notebook(stem, results_dir, parameters)
-        times[stem] = time.perf_counter() - t0
-        log(f"[{i}/{len(stems)}] {stem} done in {times[stem]:.0f} s", flush=True) if log is print else None
+    try:
+        for i, stem in enumerate(stems, 1):
+            log(f"[{i}/{len(stems)}] {stem} ...", flush=True) if log is print else log(stem)
+            t0 = time.perf_counter()
+            run_notebook(stem, results_dir, parameters)
+            times[stem] = time.perf_counter() - t0
+            log(f"[{i}/{len(stems)}] {stem} done in {times[stem]:.0f} s", flush=True) if log is print else None
+    finally:
+        index = write_index(resolve_results_dir(results_dir))
+        log(f"index of the executed workbook: {index}", flush=True) if log is print else None
     return times
 
 
