@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_edit.py                    # gemma-3-270m, 8 timed steps each
     .venv/bin/python scripts/bench_edit.py --steps 4 --out bench_edit.json
+    .venv/bin/python scripts/bench_edit.py --dtype bfloat16         # bf16 model, fp32 master weights
 
 Same task (athletes_to_sport, 16 known athletes), same batches, same loss, for:
   * full fine-tune: every decoder weight (`nonlocalized`), no frozen prefix;
@@ -28,6 +29,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                    help="bfloat16: the model in bf16, trained weights as fp32 masters (scripts/bench_roofline.py"
+                         " compares both against the matmul peak)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", default="", help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
@@ -42,7 +46,7 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, "cpu")
+    model = load_model(args.model, "cpu", dtype=args.dtype)
     task = athletes_to_sport(filter_known_athletes(model, load_athletes()), n=16, seed=0)
     text = load_general_text()[:64]
     L = model.n_layers
@@ -58,7 +62,7 @@ def main(argv=None) -> dict:
         "mid_mlps": (layer_params({2, 3, 5, 7, 9}, "mlp"), False),
         "mid_mlps+frozen_prefix": (layer_params({2, 3, 5, 7, 9}, "mlp"), True),
     }
-    res: dict = dict(model=args.model, steps=args.steps, **machine())
+    res: dict = dict(model=args.model, dtype=str(model.dtype).removeprefix("torch."), steps=args.steps, **machine())
     for name, (params, prefix) in configs.items():
         base = snapshot(model, params)
         cfg = EditConfig(steps=1, frozen_prefix=prefix, seed=0)

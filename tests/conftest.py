@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests (and the notebook kernels the smoke runs start, which inherit the environment) run in exact
+# fp32: DTYPE="auto" could pick bf16 on a bf16-capable CPU and move the asserted ranges. Set
+# MECHUNLEARN_DTYPE=auto (or bfloat16) before pytest to test that instead.
+os.environ.setdefault("MECHUNLEARN_DTYPE", "float32")
+
 from mechunlearn_utils.workbook.runner import notebook_stems, prerequisites, run_notebook
 
 

@@ -187,7 +187,8 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
         res.n_trainable = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         history = train_loop(params, loss_fn, opt, cfg.steps, grad_clip=cfg.grad_clip, on_nonfinite=diverged,
-                             before_step=evaluate, desc=f"relearn {cfg.mode}", progress=progress)
+                             before_step=evaluate, desc=f"relearn {cfg.mode}", progress=progress,
+                             model=model)
         evaluate(cfg.steps)
     res.losses = [row["loss"] for row in history]
     res.seconds = time.perf_counter() - t0

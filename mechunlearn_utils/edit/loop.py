@@ -20,6 +20,7 @@ The loss terms the plug-ins are made of live here too:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechunlearn_utils.core.forward import hidden_from, last_token_hidden, prefix_hidden
+from mechunlearn_utils.core.precision import fp32_masters
 from mechunlearn_utils.evaluate.suite import unembed
 
 UNLEARN_FLOOR = math.exp(-5)  # the paper ignores items already below this probability
@@ -222,15 +224,25 @@ def train_loop(params: list[torch.Tensor], loss_fn: Callable[[int], tuple[torch.
                steps: int, *, schedule=None, grad_clip: float | None = None, check_grad: bool = False,
                on_nonfinite: Callable[[int, float], Exception] | None = None,
                after_step: Callable[[], None] | None = None, before_step: Callable[[int], None] | None = None,
-               postfix: tuple[str, ...] = ("loss",), desc: str = "training", progress: bool = True) -> list[dict]:
+               postfix: tuple[str, ...] = ("loss",), desc: str = "training", progress: bool = True,
+               model=None) -> list[dict]:
     """Run `steps` optimisation steps of `loss_fn` over `params`; returns one record per step.
+
+    `model` (the `LoadedModel` the params belong to): in a model held in bf16, its trained tensors
+    train as fp32 master weights (`core.precision.fp32_masters`); nothing changes under fp32.
 
     Each step: ``before_step(step)`` (an evaluation), ``loss, terms = loss_fn(step)``; a non-finite
     loss raises ``on_nonfinite(step, value)`` (an `EditError` by default) before any update;
     zero_grad, backward, gradient clipping to `grad_clip` (a non-finite norm raises when
     `check_grad`), optimizer step, `schedule` step, ``after_step()`` (a projection, a checkpoint).
     The record is ``{"step", "loss", **terms}`` with tensors turned into floats."""
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    with contextlib.nullcontext() if model is None else fp32_masters(model, params):
+        return _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, on_nonfinite,
+                      after_step, before_step, postfix, tqdm(range(steps), desc=desc, disable=not progress, leave=False))
+
+
+def _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, on_nonfinite, after_step,
+           before_step, postfix, bar) -> list[dict]:
     history = []
     for step in bar:
         if before_step is not None:

@@ -129,7 +129,7 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
             list(params.values()), lambda step: edit_terms(model, data, rng, task.mode, cfg),
             opt, cfg.steps, schedule=cosine_schedule(opt, cfg.warmup_steps, cfg.steps), grad_clip=cfg.grad_clip,
             check_grad=True, on_nonfinite=diverged, after_step=checkpoint, postfix=("forget", "maintain", "lm"),
-            desc=task.name, progress=progress)
+            desc=task.name, progress=progress, model=model)
     finally:
         for p in params.values():
             p.requires_grad_(False)

@@ -81,13 +81,13 @@ def attribution_patching(model, facts: FactSet, batch_size: int = 32, backend: s
     if denom <= 0:
         raise LocalizationError("the random-token corruption does not lower the logit difference "
                                 "on these facts: attribution patching has no effect to attribute")
-    per_item = {k: torch.stack([torch.cat(attr[Site(k, l)]) for l in range(L)], 1).numpy()
+    per_item = {k: torch.stack([torch.cat(attr[Site(k, l)]) for l in range(L)], 1).float().numpy()
                 for k in kinds}  # [fact, layer(, head)]
     scores = {k: v.sum(0) / denom for k, v in per_item.items()}
     info = dict(n_facts=len(facts), ld_clean=float(ld_clean.mean()), ld_corrupt=float(ld_corrupt.mean()),
                 backend=backend, corruption="random subject tokens", seed=seed, corruption_stats=stats,
                 passes_per_batch=dict(forward=2, backward=1))
-    per_item.update(ld_clean=ld_clean.numpy(), ld_corrupt=ld_corrupt.numpy())
+    per_item.update(ld_clean=ld_clean.float().numpy(), ld_corrupt=ld_corrupt.float().numpy())
     return TracingResult("ap", scores, per_item, info, counter, time.perf_counter() - t0)
 
 

@@ -146,7 +146,7 @@ def head_path_patching(model, facts: FactSet, batch_size: int = 32, backend: str
         z_pat[:, idx, idx] = zx
         delta = _attn_output(model, l, z_pat) - base[:, None]  # [F, H, d]
         lds = ld(_candidate_logits(model, resid[:, None] + delta, cand.to(dev)).cpu())  # [F, H]
-        effect[l] = ((ld_clean[:, None] - lds).mean(0) / (ld_clean - ld_corrupt).mean()).numpy()
+        effect[l] = ((ld_clean[:, None] - lds).mean(0) / (ld_clean - ld_corrupt).mean()).float().numpy()
     return dict(effect=effect, ld_clean=float(ld_clean.mean()), ld_corrupt=float(ld_corrupt.mean()))
 
 
@@ -189,7 +189,7 @@ def mlp_path_patching(model, facts: FactSet, receiver_layer: int, batch_size: in
                         backend=backend, counter=counter)
         ld_rows[start:start + len(chunk)] = _ld_metric(facts, f_idx)(out.logits.cpu())
     ld = ld_rows.view(receiver_layer, len(facts))
-    effect = ((ld_clean.mean() - ld.mean(1)) / (ld_clean.mean() - ld_corrupt.mean())).numpy()
+    effect = ((ld_clean.mean() - ld.mean(1)) / (ld_clean.mean() - ld_corrupt.mean())).float().numpy()
     return dict(effect=effect, ld_clean=float(ld_clean.mean()), ld_corrupt=float(ld_corrupt.mean()),
                 positions=positions, receiver_layer=receiver_layer)
 

@@ -81,14 +81,14 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
         raise LocalizationError(
             f"the noise (scale {noise_scale}) never lowered p(right answer) by more than {min_gap}: "
             "causal tracing has nothing to restore; raise noise_scale")
-    mean_nie = nie[used].mean(0).numpy()
+    mean_nie = nie[used].mean(0).float().numpy()
     scores = {"mlp": mean_nie[:L], "head": mean_nie[L:].reshape(L, H)}
     info = dict(noise_scale=noise_scale, noise_std=std, noise_rule=noise_rule, min_gap=min_gap,
                 n_samples=n_samples, n_facts=len(facts),
                 n_items_used=int(used.sum()), p_clean=float(p_clean.mean()),
                 p_corrupt=float(p_corrupt.mean()), backend=backend, positions="all")
-    return TracingResult("ct", scores, {"nie": nie.numpy(), "p_clean": p_clean.numpy(),
-                                        "p_corrupt": p_corrupt.numpy()},
+    return TracingResult("ct", scores, {"nie": nie.float().numpy(), "p_clean": p_clean.float().numpy(),
+                                        "p_corrupt": p_corrupt.float().numpy()},
                          info, counter, time.perf_counter() - t0)
 
 

@@ -1,8 +1,8 @@
 """Where notebooks write what they found, and how later notebooks read it.
 
 Every notebook writes ``RESULTS_DIR/<notebook stem>/metrics.json``: a flat dict of documented keys
-(str -> number, string, bool or list of numbers). Writes are atomic (temp file + rename), so a crash
-never leaves a half-written file.
+(str -> number, string, bool or list of numbers), with the ``dtype`` its model ran in. Writes are
+atomic (temp file + rename), so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ def _plain(value):
 
 
 def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
-    """Write a flat metrics dict to RESULTS_DIR/<stem>/metrics.json atomically; returns the path."""
-    flat = {}
+    """Write a flat metrics dict to RESULTS_DIR/<stem>/metrics.json atomically; returns the path.
+
+    Adds ``dtype``: what the model of this process ran in (`core.precision.loaded_dtype`: float32 or
+    bfloat16; "none" when no model was loaded), unless `metrics` has it."""
+    from mechunlearn_utils.core.precision import loaded_dtype
+
+    flat = {"dtype": loaded_dtype() or "none"}
     for key, value in metrics.items():
         if isinstance(value, dict):
             raise TypeError(f"metrics must be flat: {key!r} holds a dict (flatten it: '{key}.sub')")

@@ -1,0 +1,123 @@
+"""DTYPE: resolving "auto" / "float32" / "bfloat16", recording it, and fp32 master weights in bf16."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mechunlearn_utils.core import precision as P
+
+
+def test_explicit_dtypes_and_errors(monkeypatch):
+    monkeypatch.setenv(P.ENV_VAR, "bfloat16")  # an explicit dtype wins over the environment
+    assert P.resolve_dtype("float32")[0] is torch.float32
+    assert P.resolve_dtype(torch.bfloat16)[0] is torch.bfloat16
+    assert P.resolve_dtype("bf16")[0] is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        P.resolve_dtype("float8")
+    with pytest.raises(ValueError, match="not supported"):
+        P.resolve_dtype(torch.float16)
+
+
+def test_auto_follows_the_environment_then_the_hardware_and_the_measurement(monkeypatch):
+    monkeypatch.setenv(P.ENV_VAR, "float32")
+    assert P.resolve_dtype("auto") == (torch.float32, f"from ${P.ENV_VAR}")
+    monkeypatch.delenv(P.ENV_VAR)
+    monkeypatch.setattr(P, "native_bf16", lambda device: False)
+    assert P.resolve_dtype("auto")[0] is torch.float32
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
+    monkeypatch.setattr(P, "_SPEEDUP", {"cpu": 0.8})
+    assert P.resolve_dtype("auto")[0] is torch.float32
+    monkeypatch.setattr(P, "_SPEEDUP", {"cpu": 2.0})
+    assert P.resolve_dtype("auto") == (torch.bfloat16, "auto: native bf16, measured 2.00x faster")
+
+
+def test_the_tests_run_in_fp32_and_metrics_record_the_dtype(tiny, tmp_path):
+    from mechunlearn_utils.workbook.results import write_metrics
+
+    assert tiny.dtype is torch.float32 and P.loaded_dtype() == "float32"
+    path = write_metrics(tmp_path, "00_x", {"a": 1.0})
+    assert json.loads(path.read_text())["dtype"] == "float32"
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16():
+    from mechunlearn_utils import load_model
+
+    return load_model("tiny-random", "cpu", dtype="bfloat16")
+
+
+def _one_step(model, name, with_masters: bool):
+    """One Adam step at lr 1e-5 on weight `name` (set to 1.0); returns (during, after) copies."""
+    from mechunlearn_utils.edit.loop import train_loop
+
+    p = model.named_parameters()[name]
+    with torch.no_grad():
+        p.fill_(1.0)
+    p.requires_grad_(True)
+    seen = {}
+    ids = model.tokenize(["Fact : Michael Jordan plays the sport of"])
+
+    def loss_fn(step):
+        out = model.hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        return out.float().logsumexp(-1).mean(), {}
+
+    opt = torch.optim.Adam([p], lr=1e-5)
+    train_loop([p], loss_fn, opt, 1, after_step=lambda: seen.update(during=p.detach().clone()),
+               progress=False, model=model if with_masters else None)
+    p.requires_grad_(False)
+    return seen["during"], p.detach().clone()
+
+
+def test_fp32_masters_keep_an_update_that_bf16_rounds_away(tiny_bf16):
+    from mechunlearn_utils.edit.storage import restore, snapshot
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = snapshot(tiny_bf16, list(tiny_bf16.named_parameters()))
+    during, after = _one_step(tiny_bf16, name, with_masters=False)
+    assert during.dtype is torch.bfloat16 and (during == 1.0).all()  # pure bf16: 1 - 1e-5 == 1
+    during, after = _one_step(tiny_bf16, name, with_masters=True)
+    assert during.dtype is torch.float32 and (during != 1.0).any()  # the fp32 master moved
+    assert ((during - 1.0).abs().max() - 1e-5).abs() < 1e-6
+    assert after.dtype is torch.bfloat16  # rounded back to the model's dtype on exit
+    restore(tiny_bf16, base)
+    params = tiny_bf16.named_parameters()
+    assert all(params[n].dtype == t.dtype and torch.equal(params[n], t) for n, t in base.items())
+
+
+def test_a_bf16_edit_trains_and_restores_bitwise(tiny_bf16, task, text):
+    from mechunlearn_utils.edit.storage import restore, snapshot
+    from mechunlearn_utils.edit.train import EditConfig, train_edit
+
+    names = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    everything = snapshot(tiny_bf16, list(tiny_bf16.named_parameters()))
+    base = snapshot(tiny_bf16, names)
+    res = train_edit(tiny_bf16, names, task, text, EditConfig(steps=3, lr=1e-3, batch_size=4, lm_batch=1,
+                                                               lm_context=8), progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    params = tiny_bf16.named_parameters()
+    assert any(not torch.equal(params[n], base[n]) for n in names)
+    assert all(params[n].dtype is torch.bfloat16 and params[n].grad is None for n in names)
+    restore(tiny_bf16, base)
+    assert all(torch.equal(params[n], t) and params[n].dtype == t.dtype for n, t in everything.items())
+    mlp = tiny_bf16.layers[1].mlp
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in (mlp.up_proj, mlp.down_proj))
+
+
+def test_auto_measures_once_per_host_and_keeps_the_choice(monkeypatch, tmp_path):
+    """The speed measurement is stored per host in the cache folder: a later process (or a busy
+    moment) reuses it instead of re-timing, so "auto" picks the same dtype in every run."""
+    import json
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path))
+    monkeypatch.setattr(P, "_SPEEDUP", {})
+    calls = []
+    monkeypatch.setattr(P, "_mlp_step_seconds", lambda dtype, device: calls.append(dtype) or
+                        (2.0 if dtype == torch.float32 else 1.0))
+    assert P.bf16_speedup("cpu") == 2.0 and len(calls) == 2
+    stored = json.loads((tmp_path / "precision.json").read_text())
+    assert list(stored.values()) == [2.0] and "torch" in next(iter(stored))
+    monkeypatch.setattr(P, "_SPEEDUP", {})  # a new process: read back, not measured again
+    assert P.bf16_speedup("cpu") == 2.0 and len(calls) == 2
