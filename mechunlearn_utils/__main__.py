@@ -1,8 +1,9 @@
 """Command line: quick questions to a model, and the workbook runner.
 
     python -m mechunlearn_utils run --smoke --only 00_setup     # = python -m mechunlearn_utils.workbook.runner ...
+    python -m mechunlearn_utils fetch-paper-data                 # the paper's data files, into the cache
     python -m mechunlearn_utils recall --model gemma-3-270m --facts data/athletes.csv
-    python -m mechunlearn_utils recall --facts my.csv --format question
+    python -m mechunlearn_utils recall --facts my.csv --format question --dtype float32
     python -m mechunlearn_utils recall --facts my.csv --template "{athlete} is famous for playing"
     python -m mechunlearn_utils recall --facts my.csv --edit results/03_editing_and_unlearning/edits/athletes_to_sport/flu
 
@@ -31,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--edit", metavar="PATH",
                      help="an edit saved by notebook 03 (.safetensors, with its .json) applied to the model first")
     rec.add_argument("--device", default="auto")
+    rec.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                     help="float32: exact; auto: bf16 where native and measured faster ($MECHUNLEARN_DTYPE overrides)")
     rec.add_argument("--batch-size", type=int, default=32)
+    fetch = sub.add_parser("fetch-paper-data", help="download the paper's data files (sha256-checked) into the cache")
+    fetch.add_argument("--dest", help="folder to download into (default: the cache; then set MECHUNLEARN_PAPER_DATA)")
     run = sub.add_parser("run", add_help=False, help="run the workbook's notebooks (options: run --help)")
     run.add_argument("runner_args", nargs=argparse.REMAINDER)
     return ap
@@ -46,11 +51,11 @@ def recall_command(args) -> dict:
     athletes = load_athletes(args.facts)  # validates the CSV before the (slow) model load
     if args.template is not None and "{athlete}" not in args.template:
         raise ValueError("--template must contain '{athlete}'")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, dtype=args.dtype)
     if args.edit:
         load_edited(model, args.edit)
     summary, _ = sports_recall(model, athletes, args.format, args.template, args.batch_size)
-    return {"model": args.model, "edit": args.edit, "format": "custom" if args.template else args.format,
+    return {"model": args.model, "dtype": str(model.dtype).removeprefix("torch."), "edit": args.edit, "format": "custom" if args.template else args.format,
             **summary}
 
 
@@ -66,6 +71,11 @@ def main(argv=None) -> int:
         return runner.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        if args.command == "fetch-paper-data":
+            from mechunlearn_utils.data.paper import fetch_paper_data
+
+            fetch_paper_data(args.dest)
+            return 0
         result = recall_command(args)
     except (DataError, EditError, ModelLoadError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

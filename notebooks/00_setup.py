@@ -26,17 +26,27 @@
 #    so, like the paper, we keep only facts the model recalls with high probability.
 # 3. **Prompt formats.** The paper edits in one format and tests in others (questions,
 #    multiple choice) to see whether the *knowledge* changed or only one phrasing did.
+#
+# **You will learn** to
+# * load one model and look at it through three lenses (Hugging Face, TransformerLens, nnsight);
+# * write prompts in the paper's formats and score a candidate answer (p_norm, accuracy);
+# * filter the facts a model knows, and tell when a format is at chance and says nothing.
+#
+# **Time:** about 30 minutes to read and do the exercise; the run takes about 2 minutes on a
+# 2-core CPU (the first model load converts the weights once). Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"  # packaged: gemma-3-270m, smollm2-135m; or any HF hub id on a GPU box
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False  # True: a small subset, for CI
-ATHLETES_CSV = "default"  # "paper" reads ../shared/data/paper/sports.csv
-COUNTERFACT_CSV = "default"  # "paper" reads ../shared/data/paper/counterfact_gemma-7b.csv
+ATHLETES_CSV = "default"  # "paper": the paper's sports.csv (python -m mechunlearn_utils fetch-paper-data)
+COUNTERFACT_CSV = "default"  # "paper": the paper's counterfact_gemma-7b.csv (fetched the same way)
 MIN_P_ATHLETE = 0.5  # keep athletes whose p(right sport token) reaches this; the paper: about 0.5
 MIN_P_FACT = 0.1  # keep facts whose true object beats the new one with at least this probability
 RESULTS_DIR = ""  # "" -> <repo>/results
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %%
 import time
@@ -66,7 +76,7 @@ metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE}
 # fp32 Hugging Face checkpoint (about a minute, once); later loads read the cache.
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 metrics["load_seconds"] = model.load_seconds
 print(f"{MODEL}: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads, "
       f"vocab {model.hf.config.vocab_size}, loaded in {model.load_seconds:.1f} s on {model.device}")
@@ -111,6 +121,9 @@ for fmt in SPORT_FORMATS:
 # We score every athlete in each format: *accuracy* is how often the right sport has the highest
 # probability among the candidates, *p_norm* the probability of the right sport normalized over
 # the candidates (the paper's "continuous accuracy").
+#
+# *Predict:* with three sports, what accuracy would a model that knows nothing reach? And with
+# the four letters of the multiple-choice format?
 
 # %%
 athletes = load_athletes(ATHLETES_CSV)
@@ -123,6 +136,43 @@ recall_table = pd.DataFrame({fmt: {"accuracy": r["accuracy"], "mean p_norm": r["
                                    **{f"acc. {s}": a for s, a in r["accuracy_by_sport"].items()}}
                              for fmt, r in recall.items()}).T.round(3)
 recall_table
+
+# %% [markdown]
+# ### Exercise · p_norm by hand
+# Write `my_p_norm(model, prompt, candidates, answer)`: the probability of `answer` normalized
+# over `candidates` (strings with a leading space, such as `" basketball"`) at the prompt's last
+# token. The check compares it, prompt by prompt, with `score_prompts`, the scoring core behind
+# every evaluation of the workbook.
+#
+# *Hint:* `model.encode(prompt)` gives the token ids (BOS included), `model.hf(ids).logits[0, -1]`
+# the next-token logits, `model.answer_token_id(c)` a candidate's id. A softmax over the
+# candidates' logits equals their probabilities renormalized to sum to 1.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_p_norm(model, prompt, candidates, answer):
+#     ids = torch.tensor([model.encode(prompt)], device=model.device)
+#     with torch.no_grad():
+#         logits = model.hf(ids).logits[0, -1].float()
+#     cand_ids = [model.answer_token_id(c) for c in candidates]
+#     return float(torch.softmax(logits[cand_ids], -1)[candidates.index(answer)])
+# ```
+# </details>
+
+# %%
+from mechunlearn_utils.workbook.exercises import check_p_norm  # noqa: E402
+
+
+def my_p_norm(model, prompt, candidates, answer):
+    ...  # your code: a float in [0, 1]
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_p_norm as my_p_norm
+ex_set = sport_prompts(list(athletes.athlete[:4]), list(athletes.sport[:4]), "normal")
+check_p_norm(my_p_norm, model, ex_set.prompts, ex_set.candidates[0],
+             [c[i] for c, i in zip(ex_set.candidates, ex_set.correct)])
 
 # %% [markdown]
 # How confident is the model, athlete by athlete, in the normal format? Athletes to the right of
@@ -175,15 +225,19 @@ pd.DataFrame(cf_recall).T.round(3)
 
 # %% [markdown]
 # ## 6 · What this tells us
-# The numbers printed above decide how the rest of the workbook reads:
+# The numbers printed above decide how the rest of the workbook reads. Two questions, answered
+# from this run by the cell below:
 #
-# * The **normal** and **question** formats are well above chance (1/3): the model knows many
-#   athletes' sports, in more than one phrasing.
-# * **Multiple choice** (A-D) is the paper's key test of whether an edit generalizes. A model of
-#   270M parameters may be near chance (1/4) at choosing a letter: if the table says so, an MCQ
-#   number after editing says nothing about the edit, and later notebooks flag it.
+# * Are the **normal** and **question** formats above chance (1/3)? Only then does the model know
+#   the athletes' sports in more than one phrasing, for whatever MODEL you set.
+# * Is **multiple choice** (A-D), the paper's key test of whether an edit generalizes, above
+#   chance (1/4)? A model of 270M parameters may not be: then an MCQ number after editing says
+#   nothing about the edit, and later notebooks flag it.
 
 # %%
+for fmt, chance in (("normal", 1 / 3), ("question", 1 / 3)):
+    print(f"{fmt}: accuracy {recall[fmt]['accuracy']:.3f} vs chance {chance:.3f}"
+          + ("" if recall[fmt]["accuracy"] > chance + 0.1 else ": NOT clearly above chance on this model"))
 chance_mcq = 0.25
 mcq_above_chance = recall["mcq"]["accuracy"] > chance_mcq + 0.1
 print(f"MCQ accuracy {recall['mcq']['accuracy']:.3f} vs chance {chance_mcq}: "

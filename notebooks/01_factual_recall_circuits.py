@@ -34,14 +34,26 @@
 # Everything heavy lives in `mechunlearn_utils.interp` (lens, patching, heads; plots in
 # `viz.circuits_plots`), tested on a tiny model; the cells
 # here are short on purpose. Run notebook 00 first: it chooses the athletes the model knows.
+#
+# **You will learn** to
+# * read a model's residual stream with the logit lens (exercise: write it with `run_with_cache`);
+# * split the output into per-component contributions (DLA) and say what it cannot see;
+# * patch activations between a clean and a corrupted prompt (exercise: write the hook), and read
+#   where a fact is looked up and where it is moved;
+# * find candidate extraction heads from attention, DLA and head patching together.
+#
+# **Time:** about 60 minutes with the exercises; the run takes about 2 minutes on a 2-core CPU.
+# Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False  # True: a handful of athletes, for CI
 RESULTS_DIR = ""  # "" -> <repo>/results
 N_ATHLETES = 60  # how many known athletes to analyse (SMOKE uses 6)
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %%
 import time
@@ -59,7 +71,7 @@ from mechunlearn_utils.workbook.results import save_figure, write_metrics
 STEM = "01_factual_recall_circuits"
 t_start = time.perf_counter()
 RESULTS_DIR = start(SEED, RESULTS_DIR)
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE,
            "n_layers": model.n_layers, "n_heads": model.n_heads}
 
@@ -122,15 +134,60 @@ first_top1 = next((int(l) for l, v in by_layer.top1.items() if v >= 0.5), -1)
 print(f"first layer where the right sport is the top-1 token for >= half the athletes: {first_top1}")
 print(f"final layer: p_norm {by_layer.p_norm.iloc[-1]:.3f}, p_correct {by_layer.p_correct.iloc[-1]:.3f}; "
       f"p_correct peaks at layer {by_layer.p_correct.idxmax()} ({by_layer.p_correct.max():.3f})")
+mid = model.n_layers // 2
+print(f"middle layer {mid}: median rank of the right sport {by_layer.median_rank[mid]:.0f}, "
+      f"p_norm {by_layer.p_norm[mid]:.2f} (chance 0.33)")
 
 # %% [markdown]
-# **Reading it.** Through the early and middle layers the right sport is buried hundreds to
-# thousands of ranks deep and the three-way probability sits at chance: whatever the model
-# knows about the athlete is not yet *at the final token* in a form the unembedding can read.
-# Then, within one or two layers (the printout above says which), the right sport jumps to rank
-# 0. In gemma-3-270m the last few layers then *lower* the probability again (compare the peak
-# with the final layer above): they calibrate rather than recall. The logit lens cannot say
-# where the fact was looked up, only when it arrives at the output position; the next tools can.
+# ### Exercise · a logit lens with `run_with_cache`
+# Write `my_logit_lens(model, prompt, answer_id)`: an array with, for every layer, the probability
+# (softmax over the whole vocabulary) of `answer_id` when the residual stream after that block
+# (`blocks.{l}.hook_resid_post`) at the **final** token is decoded as if it were the last layer.
+# The check compares it with `C.logit_lens` on our example.
+#
+# *Hint:* `_, cache = model.tl.run_with_cache(ids)` with `ids = torch.tensor([model.encode(prompt)])`.
+# The model's own decoding is its final norm `model.hf.model.norm`, then the unembedding
+# (`unembed(model, x)` from `mechunlearn_utils.core.logits`: `lm_head` with Gemma's soft-cap).
+# Forgetting the norm is the classic mistake: try it and see what the check says.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_logit_lens(model, prompt, answer_id):
+#     ids = torch.tensor([model.encode(prompt)], device=model.device)
+#     with torch.no_grad():
+#         _, cache = model.tl.run_with_cache(ids)
+#         resid = torch.stack([cache[f"blocks.{l}.hook_resid_post"][0, -1] for l in range(model.n_layers)])
+#         logits = unembed(model, model.hf.model.norm(resid)).float()
+#     return torch.softmax(logits, -1)[:, answer_id].cpu().numpy()
+# ```
+# </details>
+
+# %%
+import torch  # noqa: E402
+
+from mechunlearn_utils.core.logits import unembed  # noqa: E402,F401 - for your solution
+from mechunlearn_utils.workbook.exercises import check_logit_lens, check_patch_hook  # noqa: E402
+
+
+def my_logit_lens(model, prompt, answer_id):
+    ...  # your code: an array [n_layers] of p(answer)
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_logit_lens as my_logit_lens
+check_logit_lens(my_logit_lens, model, example_prompt, answers[0])
+
+# %% [markdown]
+# *Predict:* at which depth (first third, middle, last third) do you expect the right sport to
+# become readable at the final token? Will the last layers raise or lower its probability?
+#
+# **Reading it.** Compare with the printouts above. Where the middle layer's median rank is in
+# the hundreds and its p_norm near 1/3, whatever the model knows about the athlete is not yet *at
+# the final token* in a form the unembedding can read. The first layer where the right sport is
+# top-1 marks its arrival; if the final p_correct is below the peak, the last layers *lower* the
+# probability again (calibration rather than recall). The logit lens cannot say where the fact
+# was looked up, only when it arrives at the output position; the next tools can.
 
 # %% [markdown]
 # ## 3 · Direct logit attribution: who writes the answer?
@@ -157,12 +214,22 @@ save_figure(fig, RESULTS_DIR, STEM, "dla_heatmap")
 top_dla = (dla.groupby("component").dla.agg(["mean", "std"]).sort_values("mean", key=abs, ascending=False))
 top_dla.head(8).round(3)
 
+# %%
+parts = dla_mat[["attn", "mlp"]].abs()
+late_share = parts[parts.index >= max(first_top1, 0)].to_numpy().sum() / parts.to_numpy().sum()
+print(f"share of |direct effect| from layer {first_top1} (answer readable) on: {late_share:.0%}; "
+      f"most negative component {top_dla['mean'].idxmin()} ({top_dla['mean'].min():.2f}); "
+      f"MLPs 0-3 together {dla_mat['mlp'].iloc[:4].sum():.2f}")
+
 # %% [markdown]
-# **Reading it.** Almost all of the direct effect comes from the late layers, from the layer where
-# the logit lens saw the answer appear onwards; a few attention heads dominate, and at least one
-# later head pushes *against* the answer (a negative mean in the table), which fits the drop in
-# probability over the last layers. Early MLPs write almost nothing directly to the output: if
-# they matter, it is indirectly, which is what patching measures.
+# *Predict:* will the early MLPs, where the paper says the fact is looked up, have a large direct
+# effect on the output?
+#
+# **Reading it.** Check the printout: if most of the direct effect comes from the layers where
+# the logit lens saw the answer appear, and a few heads dominate the table, the answer is written
+# late. A negative component pushes *against* the answer, which would fit a drop in probability
+# over the last layers. If the early MLPs write little directly, they can still matter
+# *indirectly*, through later layers: that is what patching measures.
 
 # %% [markdown]
 # ## 4 · Activation patching: where is the fact carried?
@@ -171,6 +238,29 @@ top_dla.head(8).round(3)
 # activation brings back the clean answer, it carries the fact. We report the normalized logit
 # difference: 0 = the corrupt run's behaviour, 1 = the clean run's. Positions before the name
 # are identical in both prompts, so patching them does exactly nothing (shown as 0).
+#
+# <details><summary>Patching variants: which one is this, and what the others test</summary>
+#
+# * **Denoising vs noising.** *Denoising* (here) copies a clean activation into the corrupted run
+#   and asks whether it is *sufficient* to bring the answer back. *Noising* copies a corrupted
+#   activation into the clean run and asks whether the component is *necessary* (does breaking it
+#   break the answer?). They can disagree: a fact spread over redundant components survives
+#   noising any one of them, and no single one restores it under denoising. `direction="noise"`
+#   runs the other one; notebook 02 checks attribution patching against it.
+# * **Three corruptions.** (1) *Another athlete* of another sport with as many tokens (here): a
+#   natural input, the answer changes to a real alternative. (2) *Gaussian noise* on the subject's
+#   embeddings (causal tracing, notebook 02; ROME's choice): no real input looks like this, so
+#   it can overstate effects, but it needs no partner prompt. (3) *Random tokens* in place of
+#   the subject (attribution patching in the paper's code): destroys the name without choosing a
+#   new sport.
+# * **Causal tracing vs ROME's per-token trace.** The workbook's CT (notebook 02) restores one
+#   component's output at *every* position at once, so it scores a layer; ROME restores one
+#   (layer, token) at a time, which is the per-position heatmap below (with another athlete
+#   instead of noise), and is what shows the last subject token.
+# * **MLP0.** In Gemma-like models the first MLP behaves like an extension of the embedding: it
+#   transforms each token on its own. Restoring MLP0 at the subject's tokens restores the name
+#   itself, so a large MLP0 score says "the subject's tokens matter", not "MLP0 looks the sport up".
+# </details>
 
 # %%
 pairs = C.corruption_pairs(model, athletes, pool=known, seed=SEED)
@@ -191,6 +281,38 @@ print(f"{ex.athlete} vs {ex.corrupt_athlete}: logit diff clean {ex_result.clean_
 fig = V.plot_patching_heatmaps(ex_result.scores, ex_result.tokens,
                                f"{ex.athlete} (clean) patched into {ex.corrupt_athlete} (corrupt)")
 save_figure(fig, RESULTS_DIR, STEM, "patching_example")
+
+# %% [markdown]
+# ### Exercise · a denoising hook
+# Write `my_patch_hook(clean_value, position)`: it returns a TransformerLens hook
+# `hook(activation, hook)` that replaces the activation at `position` (for every batch row) by
+# `clean_value` at that position and returns the result. The check runs it on `resid_pre` at a
+# few layers of our example pair (`model.tl.run_with_hooks(corrupt_ids, fwd_hooks=[(name, hook)])`)
+# and compares the restoration with `C.activation_patching`.
+#
+# *Hint:* activations are `[batch, position, d_model]`; clone before writing into one.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_patch_hook(clean_value, position):
+#     def hook(activation, hook):
+#         activation = activation.clone()
+#         activation[:, position] = clean_value[:, position]
+#         return activation
+#     return hook
+# ```
+# </details>
+
+# %%
+def my_patch_hook(clean_value, position):
+    ...  # your code: return a function hook(activation, hook) -> the patched activation
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_patch_hook as my_patch_hook
+check_patch_hook(my_patch_hook, model, ex.clean_prompt, ex.corrupt_prompt, ex.answer_id, list(ex.other_ids),
+                 int(ex.subject_positions[-1]), layers=range(0, model.n_layers, 4))
 
 # %% [markdown]
 # The same sweep for `N_GRID` athletes, lined up by the *role* of each position (the shared
@@ -236,13 +358,16 @@ print(f"attention output at the final token: largest at layer {int(np.argmax(cur
       f"({curves[('attn_out', 'final')].max():.2f})")
 
 # %% [markdown]
-# **Reading it.** Patching a single early MLP output at the **last subject token** brings back a
-# large share of the right answer, while the same MLPs in later layers do almost nothing: the
-# attribute is looked up early, at the subject, as in the FLU story. The residual stream at the
-# last subject token keeps carrying the fact through the middle layers, until, at the "handoff"
-# layer printed above, the final token's residual takes over. The attention output at the final
-# token just before the handoff restores almost everything on its own: that layer's attention
-# *moves* the fact from the name to the final token.
+# *Predict:* if the FLU story holds, at which layers should a single MLP output at the last
+# subject token restore the answer, and at which layer should the final token take over?
+#
+# **Reading it.** Read the printout against the FLU story. If single early MLP outputs at the
+# **last subject token** restore a large share of the answer and later MLPs almost nothing, the
+# attribute is looked up early, at the subject. Discount MLP0 (see the explainer above: it acts
+# as an extended embedding of the name), and ask whether MLPs 1-3 still restore on their own. The
+# residual at the last subject token carries the fact until the "handoff" layer, where the final
+# token's residual takes over; if the attention output at the final token is largest just before
+# it, that layer's attention *moves* the fact from the name to the final token.
 
 # %% [markdown]
 # ## 5 · Attention from the final token to the subject
@@ -272,10 +397,12 @@ save_figure(fig, RESULTS_DIR, STEM, "head_patching")
 heads.head(8).round(3)
 
 # %% [markdown]
-# **Reading it.** The top of the table is a head that scores on all three counts: it attends to
-# the name, writes the sport directly, and alone restores most of the answer when patched. It
-# sits in the layer where the logit lens saw the answer appear and where the final-token
-# attention output restored the fact: this is the extraction stage in one head.
+# *Predict:* should the best extraction head sit before, at or after the handoff layer above?
+#
+# **Reading it.** Look at the top of the table: does one head score on all three counts (attends
+# to the name, writes the sport directly, restores much of the answer alone when patched)? Is its
+# layer the one where the logit lens saw the answer appear and where the final-token attention
+# output restored the fact? If so, the extraction stage is largely one head; section 8 prints it.
 
 # %% [markdown]
 # ## 7 · Explore: pick an athlete
@@ -304,6 +431,8 @@ if len(heads[heads.candidate]):
 #   Gemma-2-9B (42), 1-4 of Llama-3-8B (32) for the sports facts. In gemma-3-270m (18 layers)
 #   the MLPs that restore the answer at the last subject token are likewise among the first
 #   layers (printed above): the same early lookup, at the same place (the subject's last token).
+#   MLP0 is the exception to read with care: it acts as an extended embedding (the paper's FLU
+#   ranges, too, start at MLP 1 or 2, not 0).
 # * **Extraction.** The paper finds later attention heads (and MLPs) moving the attribute to the
 #   output; output-tracing localizations landed in late layers (e.g. Gemma-7B attribution
 #   patching: MLPs 21-27). Here one attention layer, and within it mainly one head, does most of

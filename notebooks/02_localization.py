@@ -36,10 +36,20 @@
 # (`ap_abs`, `ct_abs`, `ct_few`, `flu_pp`), and section 8 shows how far each choice moves the
 # localization. The paper finds FLU in early MLPs and OT methods in late layers; here we check
 # that on a 270M-parameter model.
+#
+# **You will learn** to
+# * read where a fact becomes decodable with linear probes, and what a probe can and cannot prove;
+# * localize with attribution patching (exercise: write its score for one site) and causal tracing;
+# * find extraction heads and lookup MLPs with path patching;
+# * match localizations by parameter count and see how far each design choice moves them.
+#
+# **Time:** about 60 minutes with the exercise; the run takes about 2-10 minutes on a 2-core CPU
+# (causal tracing of 80 facts dominates). Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False  # True: few facts, one noise sample (CI)
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -63,6 +73,7 @@ FLU_LAYERS = None  # hand-given FLU MLP layers, e.g. {"sports": [2, 3, 4]} (skip
 BACKEND = "tl"  # "tl" (TransformerLens hooks) or "nnsight": same numbers, see section 6
 BATCH_SIZE = 32
 WIDGET_METHOD = "flu"  # what the static rendering of the widget shows
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %%
 import time
@@ -95,7 +106,7 @@ metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "backend": BACKEND}
 # one-shot format (balanced over basketball / baseball / football) and CounterFact facts.
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 athletes, cf = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
 facts = {"sports": lz.sports_facts(model, athletes, n=N_FACTS, seed=SEED),
          "counterfact": lz.counterfact_facts(model, cf, n=N_FACTS)}
@@ -108,9 +119,13 @@ for t, f in facts.items():
 # ## 2 · Probes: where does the sport become readable?
 # A logistic-regression probe per layer reads the sport from the residual stream at the
 # athlete's **last token**, cross-validated. Two inputs: the full prompt, and the name alone
-# (BOS + name): with no "plays the sport of" in context, a probe on the name alone can only
-# succeed if the MLPs *looked the sport up* from the name. The paper: the name-only probe is
-# near perfect by layers 3-4 of Gemma-7B, and its FLU range for Gemma-7B is MLPs 2-7.
+# (BOS + name): with no "plays the sport of" in context, the sport must come from the name's
+# tokens. A name-only probe that succeeds fits the MLPs *looking the sport up*, but it does not
+# prove it: attention also gathers the name's tokens onto the last one, and a probe may read
+# sport-correlated features of the tokens themselves. Two baselines below bound this: a probe on
+# the name's token embeddings (no block at all) and the name-only probe with shuffled labels.
+# The paper: the name-only probe is near perfect by layers 3-4 of Gemma-7B, and its FLU range for
+# Gemma-7B is MLPs 2-7.
 
 # %%
 probe_set = athletes if not PROBE_FACTS else lz.balanced_sample(athletes, PROBE_FACTS, "sport", SEED)
@@ -133,6 +148,23 @@ saturation = lz.probe_saturation_layer(probe_acc["name only"], SATURATION_TOL, S
 fig.axes[0].axvline(saturation, ls="--", c="k", lw=1)
 save_figure(fig, RESULTS_DIR, STEM, "probe_accuracy")
 pd.DataFrame(probe_acc).T.round(2)
+
+# %% [markdown]
+# The baselines: what a probe reads from the name's token embeddings alone (their mean: no block,
+# no attention), and the best layer of the name-only probe with shuffled labels (how high a probe
+# scores on nothing: the noise level of these curves).
+
+# %%
+emb = model.hf.get_input_embeddings()
+with torch.no_grad():
+    bag = np.stack([emb(torch.tensor(model.encode(n), device=model.device)).mean(0).float().cpu().numpy()
+                    for n in names])
+shuffled = np.random.default_rng(SEED).permutation(probe_set.sport.to_numpy())
+probe_baselines = {"name-token embeddings": float(cv_probe_accuracy(bag[None], probe_set.sport, folds, seed=SEED)[0]),
+                   "name only, shuffled labels (best layer)": float(cv_probe_accuracy(name_only, shuffled, folds,
+                                                                                      seed=SEED).max())}
+print({k: round(v, 2) for k, v in probe_baselines.items()},
+      f"| name-only probe: layer 0 {probe_acc['name only'][0]:.2f}, best {max(probe_acc['name only']):.2f}")
 
 # %% [markdown]
 # **The paper's FLU range.** The FLU MLPs run from FLU_START (the paper's Gemma start, MLP 2: the
@@ -174,6 +206,39 @@ for t, r in ap.items():
     print(f"{t}: {r.info['n_facts']} facts, {r.seconds:.1f} s, {r.passes}; logit diff clean "
           f"{r.info['ld_clean']:.2f} -> corrupted {r.info['ld_corrupt']:.2f}; prompts whose corruption "
           f"changed the tokenized length: {r.info['corruption_stats']['n_length_mismatch']}")
+
+# %% [markdown]
+# ### Exercise · attribution patching for one site
+# Activation patching would run the model once per component. AP replaces each run by a linear
+# estimate: LD(patched) - LD(clean) ~ grad . (a_corrupt - a_clean), with `grad` the gradient of
+# the logit difference at the clean run with respect to the activation `a`. Write
+# `my_attribution(grad, clean_act, corrupt_act)` (each `[fact, position, d]`) returning that
+# estimate per fact, summed over positions and features. The check captures the MLP output at
+# layer FLU_START (before Gemma's post-norm) on a few facts, with the same random-token
+# corruption, and compares with `lz.attribution_patching` before its normalization.
+#
+# *Hint:* one line; mind the sign of the difference.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_attribution(grad, clean_act, corrupt_act):
+#     return (grad * (corrupt_act - clean_act)).sum(dim=(1, 2))
+# ```
+# </details>
+
+# %%
+from mechunlearn_utils.workbook.exercises import check_attribution  # noqa: E402
+
+
+def my_attribution(grad, clean_act, corrupt_act):
+    ...  # your code: a tensor [fact]
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_attribution as my_attribution
+ex_facts = facts[TASKS[0]].subset(range(min(8, len(facts[TASKS[0]]))))
+check_attribution(my_attribution, model, ex_facts, layer=FLU_START, seed=SEED)
 
 # %% [markdown]
 # Is the linear estimate any good? We patch a handful of components for real (half the
@@ -227,9 +292,12 @@ for t in facts:
 # 1. **Extraction heads**: each head's corrupted output replaces its clean output only on the
 #    *direct* path to the final residual stream. Heads with effect >= HEAD_THRESHOLD move the
 #    attribute to the answer position.
-# 2. **Lookup MLPs**: each earlier MLP's corrupted output (at the subject's tokens) replaces its
-#    clean one only in the input of the lowest extraction-head layer. The MLPs with effect >=
-#    FLU_THRESHOLD are the variant `flu_pp` (the workbook's earlier FLU).
+# 2. **Lookup MLPs**: each earlier MLP's change under corruption (corrupted minus clean output, at
+#    the subject's tokens) is added to the residual stream entering the lowest extraction-head
+#    layer, skipping the blocks in between. From there the run continues, so every later block
+#    reads the change, not only the extraction heads: the effect measures what the MLP sends to
+#    the extraction layer *and everything after it*. The MLPs with effect >= FLU_THRESHOLD are the
+#    variant `flu_pp` (the workbook's earlier FLU).
 #
 # The FLU localization itself is the probe range of section 2 for sports (the paper's "manual"
 # MLPs). CounterFact has no probe here, so its FLU is the path-patching selection (the paper also
@@ -437,10 +505,12 @@ for t in facts:
 pd.DataFrame(claims)
 
 # %% [markdown]
+# *Predict:* on a model of 18 layers, will AP's and CT's localizations sit later than FLU's?
+#
 # **How to read it against the paper.** The paper's FLU MLPs sit early (Gemma-7B: 2-7) and its OT
 # localizations land late (Gemma-7B AP MLPs 21-27). Check, in the `claims` table above: is FLU's
 # mean depth below the OT methods'? Do AP/CT train the extraction layers' attention (the heads
-# of section 4)? Do the *MLP-only* OT variants sit later than FLU, or do they pick the early
+# of section 5)? Do the *MLP-only* OT variants sit later than FLU, or do they pick the early
 # lookup MLPs too (CT restores the answer by patching them, so it often does on a small model)?
 # And how well does AP agree with real patching (`agreement`): a linear estimate can miss the
 # early lookup MLPs, which is exactly what FLU picks. The README's Results section records what

@@ -30,7 +30,11 @@
 # * read generalization (unseen formats, other languages), robustness (relearning) and side
 #   effects (maintain, LM loss) against depth, and place the curves against the two stages of
 #   factual recall: the **lookup** MLPs (until the name-only probe saturates) and the
-#   **extraction** heads (notebooks 01-02).
+#   **extraction** heads (notebooks 01-02);
+# * write the edit loss the sweep trains with (exercise).
+#
+# **Time:** about 30 minutes to read and do the exercises; the run takes about 12-15 minutes on
+# a 2-core CPU (5 windows). Terms: [glossary](../docs/glossary.md).
 #
 # This goes beyond the paper (compare *Layer-Targeted Multilingual Knowledge Erasure*, which
 # also asks which layers to edit). The task is notebook 03's `athletes_to_sport`: each of
@@ -39,6 +43,7 @@
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False  # True: 2 windows, few steps and athletes (CI)
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -58,6 +63,7 @@ LORA_ALPHA = 32
 LORA_LR = 2e-4
 LANGUAGES = ["fr", "de", "es"]
 THREADS = 0  # torch CPU threads (0: automatic; 1 when the machine is busier than its cores)
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %% [markdown]
 # Imports and setup. SMOKE mode keeps two windows (the first and the deepest) and a few steps.
@@ -90,7 +96,7 @@ if SMOKE:
 # builds it (same seed, same sizes), so the two notebooks edit the same athletes.
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 athletes = known_athletes(RESULTS_DIR)
 task = make_task("athletes_to_sport", athletes=athletes, n=N_FACTS, seed=SEED, n_maintain=N_MAINTAIN)
 text = load_general_text()
@@ -157,6 +163,35 @@ t0 = time.perf_counter()
 base = D.base_measures(model, task, heldout_text, templates, cfg)
 seconds["base"] = time.perf_counter() - t0
 pd.Series(base).round(3)
+
+# %% [markdown]
+# ### Exercise · the edit loss
+# Every window trains the same objective on the forget set: move each athlete to its new sport,
+# i.e. minimize the cross-entropy of the injected answer, `-log p(new)`, averaged over the batch
+# (plus maintain and general-text terms that keep the rest in place). Write
+# `my_edit_loss(logp_new)`: given the log-probabilities of the new answer per example (a tensor
+# `[batch]`), return the loss as a scalar tensor. The check compares it with
+# `edit.loop.forget_loss(..., mode="edit")` on a few batches.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_edit_loss(logp_new):
+#     return -logp_new.mean()
+# ```
+# </details>
+
+# %%
+from mechunlearn_utils.workbook.exercises import check_edit_loss  # noqa: E402
+
+
+def my_edit_loss(logp_new):
+    ...  # your code: a scalar tensor
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_edit_loss as my_edit_loss
+check_edit_loss(my_edit_loss)
 
 # %% [markdown]
 # ## 5 · Predict, then run

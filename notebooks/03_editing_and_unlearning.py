@@ -27,10 +27,19 @@
 # is the cross-entropy to the injected answer (editing) or `-log(1 - p(true))` (unlearning).
 # AdamW, cosine schedule, gradient clipping at 1. Layers below the lowest trained matrix are
 # frozen, so their outputs are computed once and reused at every step (the *frozen prefix*).
+#
+# **You will learn** to
+# * fine-tune only a localization's matrices, with the paper's loss (exercise: the unlearning term);
+# * evaluate an edit in the training format, in unseen formats, and for side effects;
+# * choose a learning rate on the training split only, and read which claims reproduce.
+#
+# **Time:** about 45 minutes to read and do the exercise; the run takes about 20-30 minutes on a
+# 2-core CPU (one edit per task and method). Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -55,6 +64,8 @@ SWEEP_LRS = [1e-4, 3e-4]  # 3e-5 never reaches the edit in the sweep's steps
 SWEEP_COEFS = [1.0]  # the paper also sweeps coef (0.1..5): add values here
 SWEEP_STEPS = 10
 SWEEP_FORGET_TARGET = 0.2  # the edit took within SWEEP_STEPS (half the real run): forget p(true) at most this
+DEMO_STEPS = 25  # training steps of section 7's widget demo (0: skip the demo; SMOKE: 3)
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %%
 import time
@@ -89,7 +100,7 @@ if SMOKE:
 # A missing file raises an error that names the notebook to run.
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 digests = weight_digests(model)  # every base weight, checked bit for bit before the metrics are written
 athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
 setup = read_metrics(RESULTS_DIR, "00_setup")
@@ -124,6 +135,46 @@ def build(name):
 tasks = {name: build(name) for name in TASKS}
 for t in tasks.values():
     print(t.describe())
+
+# %% [markdown]
+# ### Exercise · the unlearning loss
+# Editing minimizes `-log p(new)`. Unlearning has no new answer: it pushes the true one away by
+# minimizing `-log(1 - p(true))`, which grows without bound as p(true) -> 1 and vanishes as
+# p(true) -> 0. Like the paper's code, examples whose p(true) is already at most e^-5
+# (`UNLEARN_FLOOR`) are ignored (averaged over the rest; a loss of 0 if none is left). Write
+# `my_unlearn_loss(logp_true)` (log p(true) per example, a tensor `[batch]`) returning a scalar
+# tensor; the check compares it with `edit.loop.forget_loss(..., mode="unlearn")`.
+#
+# *Hint:* `torch.log1p(-p)` is the stable `log(1 - p)`; clamp p below 1 so that a certain answer
+# gives a large, finite loss. Keep the result differentiable (return `logp_true.sum() * 0.0`
+# rather than `torch.tensor(0.0)` when nothing is left).
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_unlearn_loss(logp_true):
+#     p = logp_true.exp()
+#     keep = p > UNLEARN_FLOOR
+#     if not keep.any():
+#         return logp_true.sum() * 0.0
+#     return -torch.log1p(-p[keep].clamp(max=1 - 1e-6)).mean()
+# ```
+# </details>
+
+# %%
+import torch  # noqa: E402
+
+from mechunlearn_utils.edit.loop import UNLEARN_FLOOR  # noqa: E402,F401 - for your solution
+from mechunlearn_utils.workbook.exercises import check_unlearn_loss  # noqa: E402
+
+
+def my_unlearn_loss(logp_true):
+    ...  # your code: a scalar tensor
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_unlearn_loss as my_unlearn_loss
+check_unlearn_loss(my_unlearn_loss)
 
 # %% [markdown]
 # How each edited model is evaluated: forget / maintain in every format, plus side effects on
@@ -204,8 +255,13 @@ for name in tasks:
     display(table.loc[name, cols].dropna(axis=1, how="all").round(3))
 
 # %% [markdown]
-# Forget (training format) against maintain and against the format the edit never saw. A
-# method in the bottom-right of the right panel changed the *knowledge*, not just one phrasing.
+# Forget (training format) against maintain and against the formats the edit never saw. Left
+# panel: the good corner is top-left (old answer gone, other facts kept). Middle panel: a method
+# in the bottom-left (forgotten in the training format *and* in the unseen one) changed the
+# *knowledge*, not just one phrasing; one at the top-left (low on the x axis, high on the y
+# axis) changed only the phrasing it was trained on.
+#
+# *Predict:* which methods will sit high in the middle panel?
 
 # %%
 for name, task in tasks.items():
@@ -236,16 +292,18 @@ for line in verdict_lines(table, tasks, mcq_usable=setup["mcq_usable"]):
 # %% [markdown]
 # ## 7 · Try it yourself: edit one fact and query the edited model
 # Pick a localization, an athlete and a new sport; the widget trains the edit (a few steps)
-# and shows the answer in every format. Under papermill the default renders statically.
+# and shows the answer in every format. The demo below runs the widget's function once with
+# defaults (`DEMO_STEPS`), so its result shows even without a live kernel; the widget needs one.
 
 # %%
 from mechunlearn_utils.viz.widgets import edit_fact_widget, edit_one_athlete  # noqa: E402
 
 demo_method = "flu" if "flu" in localizations["sports"] else next(iter(localizations["sports"]))
-demo = edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,
-                        athlete=athletes.athlete.iloc[0], new_sport="golf", steps=3 if SMOKE else 25,
-                        general_text=train_text)
-display(demo)
+if DEMO_STEPS:
+    demo = edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,
+                            athlete=athletes.athlete.iloc[0], new_sport="golf",
+                            steps=3 if SMOKE else DEMO_STEPS, general_text=train_text)
+    display(demo)
 edit_fact_widget(model, localizations["sports"], athletes, train_text)
 
 # %% [markdown]

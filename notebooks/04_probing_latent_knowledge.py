@@ -31,10 +31,19 @@
 #
 # We probe two positions: the **last subject token** (where the fact-lookup MLPs write the
 # attribute) and the **final token** (where the extraction stage moves it for the answer).
+#
+# **You will learn** to
+# * train one linear probe per layer and read its held-out accuracy across layers (exercise);
+# * apply probes trained on the base model to edited models, against the true and the new answer;
+# * tell an edit that rewrote the representation from one that only rerouted the output.
+#
+# **Time:** about 30 minutes with the exercise; the run takes under a minute on a 2-core CPU.
+# Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -42,6 +51,7 @@ TASKS = ["athletes_to_sport", "sport_to_golf"]  # sports tasks whose edits noteb
 METHODS = []  # [] -> every method notebook 03 saved an edit for
 PROBE_C = 0.1  # inverse L2 strength of the logistic-regression probes
 BATCH_SIZE = 32
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %% [markdown]
 # Imports, seeding, and where results go. SMOKE keeps to the one task notebook 03's smoke run edits.
@@ -72,7 +82,7 @@ if SMOKE:
 # raises an error that says to run notebook 03.
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
 paths = {name: edit_paths(RESULTS_DIR, name, METHODS or None) for name in TASKS}
 tasks = {name: task_from_edit(p, athletes, facts) for name, p in paths.items()}
@@ -90,6 +100,51 @@ for name, task in tasks.items():
 pd.DataFrame({name: {"probed": len(t.eval_forget), "probe training": len(athletes) - len(t.eval_forget),
                      "injected labels": ", ".join(sorted(set(t.eval_forget.target)))}
               for name, t in tasks.items()}).T
+
+# %% [markdown]
+# ### Exercise · a probe across layers
+# Before the library does it for every edit: train one probe per layer yourself. Write
+# `my_probe_curve(train_x, train_y, test_x, test_y)`: the features are residual streams
+# `[layer, athlete, d_model]` (final token, base model) and the labels the athletes' sports; for
+# every layer fit a probe on the training half and return its accuracy on the held-out half (an
+# array `[layer]`). The check compares it with `evaluate.probes.fit_probes` + `probe_accuracy`.
+#
+# *Hint:* the library's probe is `make_pipeline(StandardScaler(), LogisticRegression(C=0.1,
+# max_iter=2000, random_state=0))` from scikit-learn; use the same to match exactly.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_probe_curve(train_x, train_y, test_x, test_y):
+#     acc = []
+#     for layer in range(train_x.shape[0]):
+#         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=0))
+#         probe.fit(train_x[layer], train_y)
+#         acc.append((probe.predict(test_x[layer]) == test_y).mean())
+#     return np.array(acc)
+# ```
+# </details>
+
+# %%
+import numpy as np  # noqa: E402,F401 - for your solution
+from sklearn.linear_model import LogisticRegression  # noqa: E402,F401
+from sklearn.pipeline import make_pipeline  # noqa: E402,F401
+from sklearn.preprocessing import StandardScaler  # noqa: E402,F401
+
+from mechunlearn_utils.workbook.exercises import check_probe_curve  # noqa: E402
+
+
+def my_probe_curve(train_x, train_y, test_x, test_y):
+    ...  # your code: an array [layer] of held-out accuracy
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_probe_curve as my_probe_curve
+check_probe_curve(my_probe_curve, model, athletes, n=24 if SMOKE else 48, seed=SEED)
+
+# %% [markdown]
+# *Predict:* on the base model, at which layers should a sport probe at the final token be near
+# chance, and where near perfect? (Notebook 01's logit lens is a hint.)
 
 # %% [markdown]
 # ## 2 · Probes on the base model, applied to every edited model
@@ -146,6 +201,9 @@ for name, res in results.items():
         print(finding(name, method))
 
 # %% [markdown]
+# *Predict:* after an FLU edit (early MLPs), will the probe at the subject token read the true
+# sport, the injected one, or neither?
+#
 # How to read the lines: a method whose **true** accuracy at the subject token stays near the
 # `base` line changed only the extraction of the fact, not its lookup; a method whose probe reads
 # the **injected** sport there rewrote the representation the lookup MLPs produce. No edit can

@@ -39,10 +39,20 @@
 # basketball / baseball / football / golf (lower = the edit holds; the base model is high).
 # The paper's claim: FLU edits (fact-lookup MLPs) resist relearning better than output-tracing
 # localizations (AP, CT).
+#
+# **You will learn** to
+# * attack an edit by relearning (LoRA and full fine-tuning) and by a soft prompt, and read the
+#   *held-out* half, not the trained one;
+# * test unseen formats and languages;
+# * quantize weights and predict when rounding erases an edit (exercise: write the round trip).
+#
+# **Time:** about 45 minutes with the exercise; the run takes about 6-9 minutes on a 2-core CPU.
+# Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -66,6 +76,7 @@ QUANT = ["int8", "int4", "int8_all"]  # see attacks.parse_quant; suffix _all: ev
 LANGUAGES = ["fr", "de", "es"]
 LANG_BASE_PER_SPORT = 20  # known athletes per sport for the base model's recall per language
 THREADS = 0  # torch CPU threads (0: automatic; 1 when the machine is busier than its cores)
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %% [markdown]
 # Imports and setup: seed every random generator, choose the CPU threads, and shrink everything
@@ -102,7 +113,7 @@ if SMOKE:
 # A missing edit raises an error naming the notebook to run.
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 digests = weight_digests(model)  # every base weight, checked bit for bit after all the attacks
 athletes = known_athletes(RESULTS_DIR)
 edits = A.find_edits(RESULTS_DIR, TASKS, METHODS)
@@ -263,6 +274,42 @@ table(formats).join(start_table.forget.rename("normal")).round(3)
 # If an edit is smaller than half a quantization step, rounding maps the edited and the
 # original weight to the same code and the edit disappears. The base model quantized the same
 # way (same matrices) is the reference: int4 is coarse enough to hurt recall on its own.
+#
+# ### Exercise · the quantization round trip
+# Write `my_fake_quantize(w, bits)` for a 2-D weight: per output row, the scale is the row's
+# largest |weight| divided by `qmax = 2 ** (bits - 1) - 1`; each weight becomes the nearest
+# integer code in [-qmax, qmax] times the scale (an all-zero row stays zero). The check compares
+# it with `attacks.quantize.fake_quantize` on one of the model's MLP matrices, at 8 and 4 bits.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_fake_quantize(w, bits):
+#     qmax = 2 ** (bits - 1) - 1
+#     scale = w.abs().amax(dim=1, keepdim=True) / qmax
+#     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+#     return torch.clamp(torch.round(w / safe), -qmax, qmax) * scale
+# ```
+# </details>
+
+# %%
+import torch  # noqa: E402,F401 - for your solution
+
+from mechunlearn_utils.workbook.exercises import check_fake_quantize  # noqa: E402
+
+
+def my_fake_quantize(w, bits):
+    ...  # your code: a tensor shaped like w
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_fake_quantize as my_fake_quantize
+check_fake_quantize(my_fake_quantize, model.layers[0].mlp.down_proj.weight)
+
+# %% [markdown]
+# *Predict:* an edit moved a weight by 0.1% of its row's largest weight. Does int8 keep it? int4?
+#
+# Now every edited model, quantized:
 
 # %%
 def quant(t, m):

@@ -31,10 +31,19 @@
 #
 # The masks are PyTorch parametrizations on the HF modules: the stored weights are never written,
 # and they are bit-identical after every experiment (checked below, tensor by tensor).
+#
+# **You will learn** to
+# * parametrize a weight by a trainable mask and train the mask instead (exercise);
+# * binarize a trained mask: zero the N most-changed weights (exercise), and sweep N;
+# * compare localizations by how few weights an edit needs, and what zeroing them breaks.
+#
+# **Time:** about 40 minutes with the exercises; the run takes about 7 minutes on a 2-core CPU.
+# Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
+DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -48,6 +57,7 @@ OPTIMIZER = "adam"  # "adam" or "sgd" (the paper: SGD, lr 1e-3; see section 2)
 L1_COEF = 1e-4  # penalty per unit of (1 - m), summed over the localization's weights
 N_GRID = [300, 1000, 3000, 10000, 30000, 100000, 300000]  # capped at the number of weights the mask changed
 FORGET_THRESHOLD = 0.5  # "the edit took": forget p(true), training format, below this
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %% [markdown]
 # Imports, seeding, and where results go. SMOKE masks two localizations for a few steps on
@@ -82,7 +92,7 @@ if SMOKE:
 # format stands in as the "format the edit never saw".
 
 # %%
-model = load_model(MODEL, DEVICE)
+model = load_model(MODEL, DEVICE, dtype=DTYPE)
 athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
 kw = dict(sport=SPORT) if TASK in ("sport_to_golf", "unlearn_sport") else dict(n=N_FACTS)
 task = make_task(TASK, athletes=athletes, facts=facts, seed=SEED, **kw)
@@ -104,6 +114,34 @@ digests = weight_digests(model)  # every weight and buffer, to check bit for bit
 pd.Series(base).round(3).to_frame("base")
 
 # %% [markdown]
+# ### Exercise · the mask parametrization
+# While a mask trains, every masked matrix is computed from its stored weight on the fly (a
+# PyTorch parametrization): `masked = m * W`, with the mask value clamped to [0, 1] so that a
+# weight can only shrink towards 0, never grow or flip sign. Write `my_masked_weight(mask,
+# weight)`; the check compares it with the library's parametrization on one of the model's MLP
+# matrices, with mask values inside and outside [0, 1].
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_masked_weight(mask, weight):
+#     return mask.clamp(0.0, 1.0) * weight
+# ```
+# </details>
+
+# %%
+from mechunlearn_utils.workbook.exercises import check_binary_mask, check_masked_weight  # noqa: E402
+
+
+def my_masked_weight(mask, weight):
+    ...  # your code: a tensor shaped like weight
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_masked_weight as my_masked_weight
+check_masked_weight(my_masked_weight, model.layers[0].mlp.up_proj.weight)
+
+# %% [markdown]
 # ## 2 · Learn a mask per localization
 # `MASK_STEPS` steps of the editing loss + L1 on (1 - m); the masks are projected back onto [0, 1]
 # after every step. Layers below the localization's lowest one are frozen (computed once).
@@ -112,8 +150,8 @@ pd.Series(base).round(3).to_frame("base")
 # value is (dL/dW) x W, tiny for a single weight. On gemma-3-270m, 3 SGD steps at lr 1e-3 move no
 # mask value by more than 6e-4 and leave the forget loss at 4.01; Adam at lr 0.05 reaches the edit
 # (forget loss < 0.05) in about 5 steps. With Adam every weight with a steady gradient moves, so the
-# L1 term is what keeps the mask sparse: at `L1_COEF` 1e-5 about 5M of FLU's 12M weights moved in
-# 6 steps, at 1e-4 about 1.4M (and the binarized edit then needs ~10x fewer weights).
+# L1 term is what keeps the mask sparse: the larger `L1_COEF`, the fewer weights move (the column
+# "changed (m < 1)" below counts them for this run, next to each localization's size).
 
 # %%
 cfg = MaskConfig(steps=MASK_STEPS, lr=MASK_LR, optimizer=OPTIMIZER, l1_coef=L1_COEF, seed=SEED)
@@ -138,6 +176,39 @@ save_figure(grid.figure, RESULTS_DIR, STEM, "mask_training")
 # ## 3 · Binarize and sweep N
 # For every N of the grid (capped at the number of weights the mask changed at all), zero the N
 # most-changed weights and evaluate in the training format and the unseen format.
+#
+# ### Exercise · binarize a mask
+# Write `my_binary_mask(scores, n)`: given one matrix of change scores (higher = changed more),
+# return a 0/1 tensor of the same shape with 0 at the `n` highest scores and 1 elsewhere. The
+# check compares it with `edit.masking`'s `top_changed` + `binary_masks` for a few N.
+#
+# *Hint:* `torch.topk` on the flattened scores.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_binary_mask(scores, n):
+#     mask = torch.ones_like(scores).flatten()
+#     mask[torch.topk(scores.flatten(), n).indices] = 0.0
+#     return mask.view_as(scores)
+# ```
+# </details>
+
+# %%
+import torch  # noqa: E402,F401 - for your solution
+
+
+def my_binary_mask(scores, n):
+    ...  # your code: a 0/1 tensor shaped like scores
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_binary_mask as my_binary_mask
+check_binary_mask(my_binary_mask, model.layers[0].mlp.up_proj.weight)
+
+# %% [markdown]
+# *Predict:* how many weights out of millions must be zeroed before the edit takes: tens,
+# thousands, or a million? Which localization will need the fewest?
 
 # %%
 curves = pd.concat([sweep_n(model, task, r, N_GRID, formats=("normal", GEN)).assign(method=m)
@@ -188,13 +259,15 @@ else:
     print("Never reached: " + (", ".join(sorted(set(summary.index) - set(reached.index))) or "none"))
 
 # %% [markdown]
-# The paper reports no masking numbers to compare with (`../shared/anchors/paper_results.md`), so
-# these stand alone; the README's Results section records the reference run on gemma-3-270m.
+# The paper reports no masking numbers to compare with (its numbers are in
+# `data/paper_results.csv`), so these stand alone; the README's Results section records the
+# reference run on gemma-3-270m.
 
 # %% [markdown]
 # ## 5 · Explore: pick a localization and N
 # The widget zeroes the N most-changed weights of the chosen localization's mask and shows every
-# measure (the base weights come back afterwards). Under papermill it renders statically.
+# measure (the base weights come back afterwards). It needs a live kernel: an executed copy saved
+# by papermill shows no result here (the sweep of section 3 has every N of the grid).
 
 # %%
 mask_widget(model, task, masks, formats=("normal", GEN))

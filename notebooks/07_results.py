@@ -26,14 +26,24 @@
 # 2. **FLU edits resist relearning** better.
 # 3. **FLU edits change the latent representation** (probes in the middle layers).
 # 4. **FLU edits have fewer side effects** (maintain accuracy, general language modelling).
+#
+# **You will learn** to
+# * put every number of the workbook next to the paper's, measure by measure;
+# * read forget-vs-maintain and robustness-vs-side-effect plots (which corner is good);
+# * turn a table into a verdict per claim by a fixed rule (exercise).
+#
+# **Time:** about 20 minutes with the exercise; the run takes seconds (no model is loaded).
+# Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"  # only recorded: nothing is loaded
 DEVICE = "auto"
+DTYPE = "float32"  # only recorded: nothing is loaded
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
 MARGIN = 0.05  # FLU must beat a rival by this much to count as better
+SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %%
 import matplotlib.pyplot as plt
@@ -150,8 +160,11 @@ pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 
 # %% [markdown]
 # ## 5 · Pareto view: forget vs maintain, per task
-# Each point a method; the paper's points are hollow. Bottom-right is best (old answer gone,
-# other facts kept).
+# Each point a method of this run (the paper's numbers are in the table of section 1, not drawn
+# here). Top-left is best: forget p(true) low on the x axis (old answer gone), maintain high on
+# the y axis (other facts kept).
+#
+# *Predict:* where will the nonlocalized edit sit, and where the unedited model (`base`)?
 
 # %%
 def pareto(task):
@@ -188,6 +201,39 @@ trade.round(3)
 # ## 6 · Verdicts
 # One row per claim and task. *reproduced*: FLU beats every rival (AP and CT) by at least
 # `MARGIN`; *not reproduced*: it beats none; *mixed*: some.
+#
+# ### Exercise · a verdict from a table
+# Write `my_verdict(values, margin, lower_is_better)`: `values` maps methods to one measure, e.g.
+# `{"flu": 0.01, "ap": 0.40, "ct": 0.03}` (a rival may be missing); FLU "beats" a rival when it is
+# better by at least `margin` (lower or higher, as `lower_is_better` says). Return "reproduced",
+# "not reproduced" or "mixed" by the rule above. The check compares it with
+# `evaluate.verdicts.claim_verdict`, the rule every verdict of this notebook uses, on a few tables.
+#
+# <details><summary>Solution</summary>
+#
+# ```python
+# def my_verdict(values, margin, lower_is_better):
+#     rivals = [values[r] for r in ("ap", "ct") if r in values]
+#     sign = 1 if lower_is_better else -1
+#     wins = [sign * (r - values["flu"]) >= margin for r in rivals]
+#     return "reproduced" if all(wins) else ("not reproduced" if not any(wins) else "mixed")
+# ```
+# </details>
+
+# %%
+from mechunlearn_utils.workbook.exercises import check_verdict  # noqa: E402
+
+
+def my_verdict(values, margin, lower_is_better):
+    ...  # your code: "reproduced", "not reproduced" or "mixed"
+
+
+if SOLUTIONS:
+    from mechunlearn_utils.workbook.exercises import solution_verdict as my_verdict
+check_verdict(my_verdict)
+
+# %% [markdown]
+# *Predict:* from the sections above, which claims will come out "reproduced" on this model?
 
 # %%
 verdict_table = pd.DataFrame(verdicts)

@@ -37,6 +37,16 @@ def test_edit_to_hf_weights_shows_in_every_lens(tiny):
             weight.copy_(saved)
 
 
+def test_nnsight_lens_builds_without_deprecation_warning():
+    import warnings
+
+    fresh = load_model("tiny-random", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # nnsight's own warnings subclass it
+        nn = fresh.nn
+    assert nn._module is fresh.hf, "nnsight must wrap the loaded module, not a copy"
+
+
 def test_bridge_parameters_are_the_hf_parameters(tiny):
     hf_ptrs = {p.data_ptr() for p in tiny.hf.parameters()}
     tl_ptrs = {p.data_ptr() for p in tiny.tl.parameters()}

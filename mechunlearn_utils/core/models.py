@@ -6,7 +6,7 @@
 * `.tokenizer` its tokenizer,
 * `.tl`        a TransformerLens `TransformerBridge` over *the same* module (no compatibility
                mode: no weight copies, so an edit to `.hf` shows in `.tl`),
-* `.nn`        an nnsight `LanguageModel` wrapping the same module.
+* `.nn`        an nnsight `TransformersModel` wrapping the same module and tokenizer.
 
 `.tl` and `.nn` are built lazily (importing either library costs seconds).
 
@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,11 @@ class LoadedModel:
         return self.hf.config.num_hidden_layers
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are held in (float32 or bfloat16, see `load_model`)."""
+        return self.hf.get_input_embeddings().weight.dtype
+
+    @property
     def d_model(self) -> int:
         return self.hf.config.hidden_size
 
@@ -213,17 +219,15 @@ class LoadedModel:
 
     @property
     def nn(self):
-        """nnsight LanguageModel over the same HF module (built on first use)."""
+        """nnsight `TransformersModel` over the same HF module and tokenizer (built on first use).
+
+        Handed the loaded module, nnsight builds its text-generation pipeline around it (no weight
+        copy, no download); like the `LanguageModel` it replaces, it sets the tokenizer's
+        `padding_side` to "left" (`tokenize` pads by hand, on the side it is asked for)."""
         if self._nn is None:
-            import warnings
+            from nnsight import TransformersModel
 
-            from nnsight import LanguageModel
-
-            # nnsight 0.8 marks LanguageModel deprecated in favour of the pipeline-based
-            # TransformersModel, which cannot wrap an already-loaded module: keep LanguageModel.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self._nn = LanguageModel(self.hf, tokenizer=self.tokenizer)
+            self._nn = TransformersModel(self.hf, task="text-generation", tokenizer=self.tokenizer)
         return self._nn
 
     def tokenize(self, prompts: list[str], padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -287,11 +291,18 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- loading
 
-def load_model(name: str = "gemma-3-270m", device: str = "auto", dtype=torch.float32) -> LoadedModel:
-    """Load `name` (a packaged model, ``tiny-random``, or a hub id) with its three lenses."""
+def load_model(name: str = "gemma-3-270m", device: str = "auto", dtype="float32") -> LoadedModel:
+    """Load `name` (a packaged model, ``tiny-random``, or a hub id) with its three lenses.
+
+    `dtype`: ``"float32"`` (exact, the reference numbers), ``"bfloat16"``, or ``"auto"`` (bf16 only
+    where native and measured faster, else fp32; ``$MECHUNLEARN_DTYPE`` overrides it): see
+    `core.precision.resolve_dtype`. The dtype that ran is printed and recorded for `write_metrics`."""
+    from mechunlearn_utils.core.precision import dtype_name, note_loaded, resolve_dtype
+
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"model name must be a non-empty string, got {name!r}")
     device = resolve_device(device)
+    dtype, why = resolve_dtype(dtype, device)
     t0 = time.perf_counter()
     if name == TINY_MODEL:
         hf, tok = build_tiny_model()
@@ -302,9 +313,11 @@ def load_model(name: str = "gemma-3-270m", device: str = "auto", dtype=torch.flo
     else:
         hf, tok = _load_hub(name, dtype)
         prepend_bos = tok.bos_token_id is not None and _tokenizer_adds_bos(tok)
-    hf.to(device).eval()
+    hf.to(device, dtype).eval()
     for p in hf.parameters():
         p.requires_grad_(False)
+    note_loaded(dtype)
+    print(f"[mechunlearn] {name} on {device} in {dtype_name(dtype)} ({why})", file=sys.stderr)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(name=name, hf=hf, tokenizer=tok, prepend_bos=prepend_bos, device=device,
