@@ -69,7 +69,6 @@ SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 # Imports and setup. SMOKE mode keeps two windows (the first and the deepest) and a few steps.
 
 # %%
-import os
 import time
 
 import pandas as pd
@@ -85,8 +84,7 @@ from mechunlearn_utils.data.tasks import make_task
 
 STEM = "02b_depth_sweep"
 t_start, seconds = time.perf_counter(), {}
-threads = THREADS or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else None)
-RESULTS_DIR = start(SEED, RESULTS_DIR, threads=threads)
+RESULTS_DIR = start(SEED, RESULTS_DIR, threads=THREADS or "auto")  # auto: 1 thread on a busy machine
 if SMOKE:
     STEPS, RELEARN_STEPS, N_FACTS, N_MAINTAIN, N_HELDOUT_TEXT, LRS = 8, 2, 8, 16, 4, [1e-4, 3e-4]
 

@@ -83,7 +83,6 @@ SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 # in SMOKE mode (one step per attack, the methods the SMOKE run of notebook 03 edited).
 
 # %%
-import os
 import time
 
 import pandas as pd
@@ -99,9 +98,7 @@ from mechunlearn_utils.data.tasks import make_task
 
 STEM = "05_attacks"
 t_start, seconds = time.perf_counter(), {}
-# On a shared machine two threads per process fight for the cores and run several times slower.
-threads = THREADS or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else None)
-RESULTS_DIR = start(SEED, RESULTS_DIR, threads=threads)
+RESULTS_DIR = start(SEED, RESULTS_DIR, threads=THREADS or "auto")  # auto: 1 thread on a busy machine
 if SMOKE:
     METHODS, RELEARN_STEPS, FULL_STEPS, EARLY_STEPS, SOFT_PROMPT_STEPS, RESTARTS = [], 1, 1, 1, 3, 1
     QUANT, LANG_BASE_PER_SPORT = ["int8", "int4"], 4

@@ -42,6 +42,7 @@ def test_metrics_roundtrip_and_validation(tmp_path):
     write_metrics(tmp_path, "00_x", {"a": 1.5, "b": [1, 2], "c": np.float32(0.25)})
     got = read_metrics(tmp_path, "00_x")
     assert got.pop("dtype") in ("none", "float32", "bfloat16")  # what this process's model ran in
+    assert isinstance(got.pop("torch_threads"), int)  # CPU threads of this process
     assert got == {"a": 1.5, "b": [1, 2], "c": 0.25}
     with pytest.raises(TypeError, match="flat"):
         write_metrics(tmp_path, "00_x", {"a": {"b": 1}})

@@ -43,3 +43,14 @@ def test_a_notebook_runs_over_ipc_and_is_written_as_html(tmp_path, monkeypatch, 
     assert "transport ipc" in out.read_text()
     assert "without encryption" not in capfd.readouterr().err  # the kernel's TCP warning
     assert "transport ipc" in out.with_suffix(".html").read_text()
+
+
+def test_threads_auto_is_one_on_a_busy_machine(monkeypatch):
+    from mechunlearn_utils.workbook import notebook
+
+    monkeypatch.setattr(notebook.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(notebook.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert notebook.choose_threads("auto") == 1
+    monkeypatch.setattr(notebook.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert notebook.choose_threads("auto") is None  # torch's default: one per core
+    assert notebook.choose_threads(3) == 3 and notebook.choose_threads(0) is None

@@ -32,11 +32,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start(seed: int = 0, results_dir=None, threads: int | None = None) -> Path:
-    """Seed every RNG, use deterministic kernels where cheap, return the resolved RESULTS_DIR."""
+def choose_threads(threads: int | str | None) -> int | None:
+    """torch CPU threads for a notebook: an int is used as given; ``"auto"`` -> 1 when the machine
+    is busier than its cores (two OpenMP threads per process then spin-wait against each other
+    and ran several times slower, measured), else None (torch's default: one per core)."""
+    if threads == "auto":
+        return 1 if os.getloadavg()[0] > (os.cpu_count() or 1) else None
+    return int(threads) if threads else None
+
+
+def start(seed: int = 0, results_dir=None, threads: int | str | None = None) -> Path:
+    """Seed every RNG, use deterministic kernels where cheap, choose the CPU threads
+    (`choose_threads`), return the resolved RESULTS_DIR."""
     seed_everything(seed)
-    if threads:
-        torch.set_num_threads(threads)
+    n = choose_threads(threads)
+    if n:
+        torch.set_num_threads(n)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = resolve_results_dir(results_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,13 @@ def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
     """Write a flat metrics dict to RESULTS_DIR/<stem>/metrics.json atomically; returns the path.
 
     Adds ``dtype``: what the model of this process ran in (`core.precision.loaded_dtype`: float32 or
-    bfloat16; "none" when no model was loaded), unless `metrics` has it."""
+    bfloat16; "none" when no model was loaded), and ``torch_threads`` (fp32 sums can round
+    differently with another thread count), unless `metrics` has them."""
+    import torch
+
     from mechunlearn_utils.core.precision import loaded_dtype
 
-    flat = {"dtype": loaded_dtype() or "none"}
+    flat = {"dtype": loaded_dtype() or "none", "torch_threads": torch.get_num_threads()}
     for key, value in metrics.items():
         if isinstance(value, dict):
             raise TypeError(f"metrics must be flat: {key!r} holds a dict (flatten it: '{key}.sub')")
@@ -165,7 +168,7 @@ def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "rele
     return out.dropna().reset_index(drop=True)
 
 
-TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step")
+TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step", "torch_threads")  # not results: how the run ran
 
 
 def _numbers(value) -> list[float] | None:
