@@ -59,9 +59,10 @@ import torch
 from mechunlearn_utils import load_model
 from mechunlearn_utils.data.datasets import load_athletes, load_counterfact
 from mechunlearn_utils.evaluate.known import filter_known_athletes, filter_known_facts
+from mechunlearn_utils.evaluate.verdicts import above_chance
 from mechunlearn_utils.evaluate.suite import score_prompts, sports_recall, summarize
 from mechunlearn_utils.workbook.notebook import KNOWN_ATHLETES_FILE, KNOWN_FACTS_FILE, start
-from mechunlearn_utils.data.prompts import SPORT_FORMATS, counterfact_prompts, sport_prompts
+from mechunlearn_utils.data.prompts import PAPER_SPORT_FORMATS, SPORT_FORMATS, counterfact_prompts, sport_prompts
 from mechunlearn_utils.workbook.results import notebook_dir, save_figure, write_metrics
 
 STEM = "00_setup"
@@ -199,6 +200,26 @@ print(f"{len(known)} of {len(athletes)} athletes known at p_correct >= {MIN_P_AT
 known_counts
 
 # %% [markdown]
+# ### The paper's own texts
+# Our question and MCQ formats are close to the paper's but not its texts. The paper's question
+# format starts with a system prompt (*"You are a helpful chatbot that answers questions about
+# athletes..."*); its MCQ lists the options in one fixed order, *A: Football / B: Baseball /
+# C: Basketball / D: Golf*, one shot (`prompts.PAPER_SPORT_TEMPLATES`). We score both on the
+# known athletes, next to ours on the same athletes, and ask with an exact one-sided binomial
+# test whether each accuracy is above chance (1/3 for three sports, 1/4 for four letters).
+
+# %%
+CHANCE = {"question": 1 / 3, "paper_question": 1 / 3, "mcq": 0.25, "paper_mcq": 0.25}
+on_known = {f: per_athlete[f][per_athlete[f].athlete.isin(known.athlete)] for f in ("question", "mcq")}
+on_known.update({f: sports_recall(model, known, f)[1] for f in PAPER_SPORT_FORMATS})
+formats_test = {f: {**above_chance(int(sc.hit.sum()), len(sc), CHANCE[f]), "mean_p_norm": float(sc.p_norm.mean())}
+                for f, sc in on_known.items()}
+pm = formats_test["paper_mcq"]
+print(f"the paper's MCQ text on {pm['n']} known athletes: accuracy {pm['accuracy']:.3f} vs chance 0.25, "
+      f"binomial p = {pm['p_value']:.2g}: {'ABOVE' if pm['above'] else 'NOT above'} chance on {MODEL}")
+pd.DataFrame(formats_test).T
+
+# %% [markdown]
 # ## 5 · CounterFact-style facts
 # Each fact has a relation prompt, paraphrases, neighbourhood prompts (other subjects, same
 # relation: an edit must leave them alone) and multiple-choice distractors. We keep facts whose
@@ -250,7 +271,9 @@ print(f"MCQ accuracy {recall['mcq']['accuracy']:.3f} vs chance {chance_mcq}: "
 # `athletes.n_total`, `athletes.n_known`, `athletes.n_known.<sport>`, `athletes.n_total.<sport>`,
 # `athletes.min_p` (the p_correct threshold),
 # `facts.n_total`, `facts.n_known`, `facts.min_p`, `cf_recall.<format>.accuracy` / `.mean_p_norm`,
-# `mcq_usable`, `lens_max_logit_gap`, `load_seconds`, `seconds_total`.
+# `mcq_usable`, `lens_max_logit_gap`, `load_seconds`, `seconds_total`;
+# `formats.<question|mcq|paper_question|paper_mcq>.accuracy` / `.mean_p_norm` / `.chance` / `.p_value` /
+# `.above_chance` / `.n` (the known athletes; ours next to the paper's texts; exact binomial test).
 
 # %%
 for fmt, r in recall.items():
@@ -264,6 +287,8 @@ metrics.update({"athletes.n_total": len(athletes), "athletes.n_known": len(known
                 "athletes.min_p": MIN_P_ATHLETE, "facts.n_total": len(facts),
                 "facts.n_known": len(known_facts), "facts.min_p": MIN_P_FACT,
                 "mcq_usable": bool(mcq_above_chance)})
+metrics.update({f"formats.{f}.{k if k != 'above' else 'above_chance'}": v for f, r in formats_test.items()
+                for k, v in r.items()})
 metrics.update({f"athletes.n_known.{s}": int(n) for s, n in known_counts.known.items()})
 metrics.update({f"athletes.n_total.{s}": int(n) for s, n in known_counts.total.items()})
 metrics["seconds_total"] = time.perf_counter() - t_start

@@ -57,6 +57,10 @@ SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
 TASKS = ["athletes_to_sport"]  # sports tasks notebook 03 edited (sport_to_golf, unlearn_sport also work)
+PROTOCOL = "scaled"  # "scaled": the sizes below (CPU budget); "paper": the paper's relearning and soft prompt
+PAPER_SOFT_PROMPT = False  # True: also run the paper's soft-prompt adversary under the scaled protocol
+PAPER_SP_STEPS = 128  # the paper's adversary: AdamW lr 1e-5, 15 vectors, norm <= 6 ...
+PAPER_SP_RUNS = 4  # ... and 4 runs averaged
 METHODS = ["flu", "ap", "ct", "random", "extraction"]  # [] -> every saved edit; extraction: the positive control
 RELEARN_STEPS = 20  # LoRA, evaluated at 0, RELEARN_STEPS // 2, RELEARN_STEPS: the paper's 0, 10, 20
 RELEARN_MODES = ["lora", "full"]
@@ -102,6 +106,10 @@ RESULTS_DIR = start(SEED, RESULTS_DIR, threads=THREADS or "auto")  # auto: 1 thr
 if SMOKE:
     METHODS, RELEARN_STEPS, FULL_STEPS, EARLY_STEPS, SOFT_PROMPT_STEPS, RESTARTS = [], 1, 1, 1, 3, 1
     QUANT, LANG_BASE_PER_SPORT = ["int8", "int4"], 4
+    PAPER_SP_STEPS, PAPER_SP_RUNS = 2, 1
+assert PROTOCOL in ("scaled", "paper"), f"PROTOCOL must be 'scaled' or 'paper', got {PROTOCOL!r}"
+if PROTOCOL == "paper" and not SMOKE and "sport_to_golf" not in TASKS:
+    TASKS = [*TASKS, "sport_to_golf"]  # the paper relearns on both sports tasks (notebook 03 edits both)
 
 # %% [markdown]
 # ## 1 · The model and the edited models of notebook 03
@@ -177,6 +185,9 @@ variants = {f"relearn_{mode}": A.RelearnConfig(mode=mode, lora_rank=LORA_RANK, l
                                                **settings[mode]) for mode in RELEARN_MODES}
 variants["relearn_2ath"] = A.RelearnConfig(mode="lora", steps=EARLY_STEPS, eval_steps=(0, EARLY_STEPS), n_train=2,
                                            lora_rank=64, lora_alpha=LORA_ALPHA, lr=EARLY_LR, seed=SEED)
+if PROTOCOL == "paper":  # rank 512, dropout 0.05, cosine lr 2e-4, no clipping, 32/32/16 sequences, 20 steps
+    variants["relearn_lora"] = A.RelearnConfig.paper(seed=SEED, steps=RELEARN_STEPS)
+print(PROTOCOL, "protocol:", {v: (c.lora_rank, c.lr, c.steps) for v, c in variants.items()})
 
 
 def relearn_with(cfg):
@@ -217,6 +228,21 @@ for task, c in control.items():
     print(c["line"])
 
 # %% [markdown]
+# **How sure are we?** Each held-out number is a mean over a handful of athletes. A bootstrap
+# over those athletes (2000 resamples) gives each method's 95% interval after relearning, and
+# a *paired* bootstrap (the methods share the held-out athletes) gives the interval of
+# (rival - FLU): the claim counts as reproduced only when that interval lies above 0 for both AP
+# and CT, as not reproduced when it lies below 0 for both, and inconclusive when it covers 0.
+
+# %%
+relearn_ci = A.relearn_ci_frame(relearned)
+relearn_ci_verdicts = A.relearn_ci_verdicts(relearned)
+fig = A.plot_ci_bars(relearn_ci, title=f"{MODEL}: held-out p(true) after relearning, 95% bootstrap CI")
+save_figure(fig, RESULTS_DIR, STEM, "relearn_ci")
+display(relearn_ci_verdicts.filter(regex="^(task|variant|verdict)$|CI$"))
+relearn_ci.round(3)
+
+# %% [markdown]
 # ## 5 · Soft-prompt attack
 # `SOFT_PROMPT_TOKENS` vectors inserted after BOS, trained with Adam to make the model give the
 # true sport of the attack-train half; after every step each vector is projected back to norm
@@ -250,6 +276,34 @@ t0 = time.perf_counter()
 soft = A.over_edits(model, edits, soft_prompt, include_base=False, desc="soft prompts")
 seconds["soft_prompt"] = time.perf_counter() - t0
 table(soft).join(start_table.heldout.rename("heldout, no attack")).round(3)
+
+# %% [markdown]
+# ### The paper's soft-prompt adversary
+# The paper's attack differs from the one above: no tokens are inserted; instead every token's
+# embedding x becomes x + Attn(W_q x, K, V), one attention over 15 learned key and value vectors
+# (norm <= 6 each) shared by all prompts, trained with AdamW at lr 1e-5; the paper averages 4
+# runs. It runs when `PROTOCOL == "paper"` or `PAPER_SOFT_PROMPT` (its 128 steps x 4 runs per
+# edit do not fit the scaled CPU budget).
+
+# %%
+paper_soft = {}
+if PROTOCOL == "paper" or PAPER_SOFT_PROMPT:
+    psp_cfg = A.PaperSoftPromptConfig(steps=PAPER_SP_STEPS, runs=PAPER_SP_RUNS, seed=SEED)
+
+    def paper_soft_prompt(t, m):
+        train, heldout = halves[t]
+        sp = A.train_paper_soft_prompt(model, train, psp_cfg, progress=False)
+        p = A.paper_soft_prompt_p_true(model, heldout, sp)
+        lo, hi = A.bootstrap_ci(p.to_numpy())
+        return {"forget_p_true": float(p.mean()), "ci_low": lo, "ci_high": hi, "seconds": sp.seconds,
+                "train_p_true": float(A.paper_soft_prompt_p_true(model, train, sp).mean())}
+
+    t0 = time.perf_counter()
+    paper_soft = A.over_edits(model, edits, paper_soft_prompt, include_base=False, desc="paper soft prompts")
+    seconds["paper_soft_prompt"] = time.perf_counter() - t0
+    display(table(paper_soft).join(start_table.heldout.rename("heldout, no attack")).round(3))
+else:
+    print("the paper's soft-prompt adversary did not run (PROTOCOL='scaled', PAPER_SOFT_PROMPT=False)")
 
 # %% [markdown]
 # ## 6 · Formats the edit never trained on
@@ -368,6 +422,8 @@ save_figure(grid.figure, RESULTS_DIR, STEM, "languages")
 records = [dict(task=t, method=m, attack=v, p_attack=r.forget_p_true[-1], p_edit=r.forget_p_true[0])
            for (t, m, v), r in relearned.items()]
 records += A.attack_records({k: {"soft_prompt": v["forget_p_true"]} for k, v in soft.items()}, start_table.heldout)
+records += A.attack_records({k: {"paper_soft_prompt": v["forget_p_true"]} for k, v in paper_soft.items()},
+                            start_table.heldout)
 for prefix, res in (("format.", formats), ("quant_", quants), ("lang.", langs)):
     records += A.attack_records(res, start_table.forget, prefix)
 recovery = A.recovery_table(pd.DataFrame(records))
@@ -424,6 +480,12 @@ print("base weights bit-identical after every attack:", True)
 # * `<t>.<m|base>.edit.forget_p_true`, `.edit.heldout_p_true`: after the edit, no attack
 # * `<t>.<m>.relearn_lora.forget_p_true_by_step` (list; also `relearn_full`, `relearn_2ath`), with
 #   `.steps` (the steps), `.train_p_true_by_step` (the attack-train half), `.seconds`
+# * `<t>.<m>.<variant>.heldout_ci_low` / `.heldout_ci_high`: 95% bootstrap CI over the held-out
+#   athletes of the held-out p(true) at the last relearning step; `verdict_ci.<variant>.<t>`
+#   (reproduced / not reproduced / mixed / inconclusive) and `<t>.<variant>.ci.<rival>_minus_flu_low`
+#   / `_high` (the paired CI of rival - FLU)
+# * `<t>.<m>.paper_soft_prompt.forget_p_true` / `.ci_low` / `.ci_high` / `.train_p_true` / `.seconds`:
+#   the paper's adversary (only when `PROTOCOL == "paper"` or `PAPER_SOFT_PROMPT`); `protocol`
 # * `<t>.control.start` / `.end` / `.gain` / `.attack_has_power`: the positive control (the
 #   `extraction` edit under LoRA relearning; None when that edit is absent)
 # * `<t>.<m>.relearn10.normal.p_true` / `relearn20.normal.p_true` (LoRA, middle / last step) and
@@ -445,6 +507,14 @@ print("base weights bit-identical after every attack:", True)
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "relearn_steps": RELEARN_STEPS, "lora_rank": LORA_RANK,
            "lora_lr": LORA_LR, "full_lr": FULL_LR, "soft_prompt_steps": SOFT_PROMPT_STEPS, "restarts": RESTARTS,
            "methods": sorted({m for _, m in edits}), "weights_restored": True, **ours}  # checked above
+metrics.update({f"{r.task}.{r.method}.{r.variant}.heldout_ci_{k}": getattr(r, f"ci_{k}")
+                for r in relearn_ci.itertuples() for k in ("low", "high")})
+for r in relearn_ci_verdicts.to_dict("records"):
+    metrics[f"verdict_ci.{r['variant']}.{r['task']}"] = r["verdict"]
+    metrics.update({f"{r['task']}.{r['variant']}.ci.{k[:-3]}_minus_flu_{b}": v for k, ci in r.items()
+                    if k.endswith(".ci") and isinstance(ci, tuple) for b, v in zip(("low", "high"), ci)})
+metrics.update({f"{t}.{m}.paper_soft_prompt.{k}": v for (t, m), row in paper_soft.items() for k, v in row.items()})
+metrics["protocol"] = PROTOCOL
 metrics.update({f"{t}.control.{k}": v for t, c in control.items() for k, v in c.items() if k != "line"})
 for (t, m), row in start_rows.items():
     metrics.update({f"{t}.{m}.edit.{k}_p_true": v for k, v in row.items()})

@@ -51,9 +51,9 @@ import pandas as pd
 import seaborn as sns
 
 from mechunlearn_utils.workbook.notebook import start
-from mechunlearn_utils.workbook.results import (MissingResultsError, claim_verdict, latent_position, load_paper_results,
-                                       metrics_long, notebook_dir, read_metrics, robustness_vs_side_effects,
-                                       save_figure, side_by_side, write_metrics)
+from mechunlearn_utils.workbook.results import (MissingResultsError, attach_cis, claim_verdict, latent_position,
+                                       load_paper_results, metrics_long, notebook_dir, read_metrics,
+                                       robustness_vs_side_effects, save_figure, side_by_side, write_metrics)
 
 STEM = "07_results"
 RESULTS_DIR = start(SEED, RESULTS_DIR)
@@ -159,6 +159,17 @@ for cid, claim, source, measure in CLAIMS_2_3:
 pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 
 # %% [markdown]
+# **Intervals.** Where a claim's input keeps one value per fact (today: notebook 05's held-out
+# athletes after LoRA relearning), notebook 05 computed a paired bootstrap 95% interval of
+# (rival - FLU) and a second verdict from it: *reproduced* only when every interval lies above 0
+# (FLU holds better), *not reproduced* when every one lies below, *inconclusive* when one covers 0.
+
+# %%
+with_ci = attach_cis(verdicts, attacks)
+without = sorted({v["id"] for v in verdicts} - set(with_ci))
+print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of {without}, so no interval there")
+
+# %% [markdown]
 # ## 5 · Pareto view: forget vs maintain, per task
 # Each point a method of this run (the paper's numbers are in the table of section 1, not drawn
 # here). Top-left is best: forget p(true) low on the x axis (old answer gone), maintain high on
@@ -244,6 +255,7 @@ verdict_table
 # ## 7 · Metrics
 # `RESULTS_DIR/07_results/metrics.json`: `verdict.<claim id>.<task>` (the verdict string; ids
 # generalizes, relearning, soft_prompt, latent, side_effects_lm, side_effects_maintain),
+# `verdict_ci.<claim id>.<task>` (the verdict from the bootstrap intervals, where the inputs have them),
 # `n_compared` (cells compared with the paper), `mcq_usable`, `smoke`.
 
 # %%
@@ -251,4 +263,5 @@ metrics = {"model": edits["model"], "smoke": SMOKE, "mcq_usable": setup["mcq_usa
            "n_compared": int(len(table)), "latent_position": LATENT_POS}
 for row in verdict_table.itertuples():
     metrics[f"verdict.{row.id}.{row.task}"] = row.verdict
+metrics.update({f"verdict_ci.{v['id']}.{v['task']}": v["verdict_ci"] for v in verdicts if "verdict_ci" in v})
 write_metrics(RESULTS_DIR, STEM, metrics)

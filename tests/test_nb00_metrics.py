@@ -19,6 +19,10 @@ def test_setup_metrics(smoke_metrics):
     assert 0 < m["athletes.n_known"] <= m["athletes.n_total"]
     assert 0 < m["facts.n_known"] <= m["facts.n_total"]
     assert isinstance(m["mcq_usable"], bool)
+    for fmt, chance in (("question", 1 / 3), ("paper_question", 1 / 3), ("mcq", 0.25), ("paper_mcq", 0.25)):
+        assert m[f"formats.{fmt}.n"] == m["athletes.n_known"] and m[f"formats.{fmt}.chance"] == chance
+        assert 0 <= m[f"formats.{fmt}.accuracy"] <= 1 and 0 <= m[f"formats.{fmt}.p_value"] <= 1
+        assert m[f"formats.{fmt}.above_chance"] == (m[f"formats.{fmt}.p_value"] < 0.05)
 
 
 def test_setup_saves_known_facts_for_later_notebooks(smoke_metrics, smoke_results_dir):

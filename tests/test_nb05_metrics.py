@@ -86,3 +86,14 @@ def test_positive_control_is_recorded(m):
     curve = m[f"{TASK}.extraction.relearn_lora.forget_p_true_by_step"]
     assert m[f"{TASK}.control.gain"] == pytest.approx(curve[-1] - curve[0], abs=1e-6)
     assert isinstance(m[f"{TASK}.control.attack_has_power"], bool)
+
+
+def test_relearning_intervals(m):
+    for meth in m["methods"]:
+        for v in VARIANTS:
+            lo, hi = m[f"{TASK}.{meth}.{v}.heldout_ci_low"], m[f"{TASK}.{meth}.{v}.heldout_ci_high"]
+            assert 0 <= lo <= m[f"{TASK}.{meth}.{v}.forget_p_true_by_step"][-1] <= hi <= 1, (meth, v)
+    for v in VARIANTS:
+        assert m[f"verdict_ci.{v}.{TASK}"] in {"reproduced", "not reproduced", "mixed", "inconclusive",
+                                               "not measured"}
+    assert m["protocol"] == "scaled" and not any(".paper_soft_prompt." in k for k in m)  # off by default

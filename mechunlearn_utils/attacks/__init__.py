@@ -8,7 +8,8 @@ scoring core `evaluate_task` uses), on athletes the attack did not train on.
 * `scoring`      forget accuracy (a view of the evaluation suite), the half split, `AttackError`
 * `edits`        the saved edits of several tasks, put on the model one after the other
 * `relearning`   relearning: LoRA or full fine-tuning on half the athletes (the one training loop)
-* `soft_prompt`  a norm-bounded soft prompt after BOS (the one training loop)
+* `soft_prompt`  a norm-bounded soft prompt after BOS; the paper's adversary (attention over learned
+                 vectors added to every token embedding), both through the one training loop
 * `formats`      alternative English formats and other languages
 * `quantize`     int8 / int4 round-to-nearest of the edited or all decoder weights
 * `report`       records, recovery table, verdicts, relearning curves, positive control, plots
@@ -31,14 +32,19 @@ from mechunlearn_utils.attacks.quantize import (QUANT_SETTINGS, edit_survival, f
                                                 quant_attack, quant_param_names, quantize_codes, quantized)
 from mechunlearn_utils.attacks.relearning import (RelearnConfig, RelearnResult, decoder_linear_names,
                                                decoder_parameter_names, full_finetune, lora_adapter, relearn)
-from mechunlearn_utils.attacks.report import (attack_records, attack_verdicts, control_check, plot_recovery,
-                                              plot_relearn_curves, recovery_table, relearn_curve_frame)
+from mechunlearn_utils.attacks.report import (attack_records, attack_verdicts, control_check, plot_ci_bars,
+                                              plot_recovery, plot_relearn_curves, recovery_table, relearn_ci_frame,
+                                              relearn_ci_verdicts, relearn_curve_frame)
 from mechunlearn_utils.attacks.scoring import (AttackError, athlete_p_true, candidate_scores, check_budget,
                                                split_forget, sports_p_true, summary)
-from mechunlearn_utils.attacks.soft_prompt import SoftPrompt, SoftPromptConfig, project_norm_, train_soft_prompt
+from mechunlearn_utils.attacks.soft_prompt import (PaperSoftPrompt, PaperSoftPromptConfig, SoftPrompt, SoftPromptConfig,
+                                                   UniversalSoftPromptAdversary, embedding_adversary,
+                                                   paper_soft_prompt_p_true, project_norm_, train_paper_soft_prompt,
+                                                   train_soft_prompt)
 from mechunlearn_utils.edit.storage import (EDITS_NOTEBOOK, EDITS_STEM, available_methods, edit_info, edit_path,
                                             edits_dir, task_kwargs)
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_verdict, diff_ci
 
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("edits", "formats", "quantize", "relearning",
                                                                     "report", "scoring", "soft_prompt")]

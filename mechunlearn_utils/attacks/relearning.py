@@ -19,8 +19,8 @@ import torch
 
 from mechunlearn_utils.attacks.scoring import AttackError, athlete_p_true, check_budget
 from mechunlearn_utils.data.prompts import sport_prompts
-from mechunlearn_utils.edit.loop import (RetainText, answer_logprobs, draw, examples, first_trainable_layer, forget_loss,
-                                         train_loop)
+from mechunlearn_utils.edit.loop import (RetainText, answer_logprobs, cosine_schedule, draw, examples,
+                                         first_trainable_layer, forget_loss, train_loop)
 from mechunlearn_utils.edit.storage import restore, snapshot
 
 
@@ -43,8 +43,20 @@ class RelearnConfig:
     lm_coef: float = 1.0
     lm_batch: int = 1
     lm_context: int = 32
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
     seed: int = 0
+    lora_dropout: float = 0.0  # on the adapter's input, active only in the training steps
+    schedule: str = "constant"  # or "cosine" (decay to 0 at `steps`, no warm-up)
+
+    @classmethod
+    def paper(cls, **overrides) -> "RelearnConfig":
+        """The paper's relearning settings (magikarp01/mechanistic-unlearning,
+        `finetuning_scripts/localized_finetuning_script_sports.py`; issue 15): LoRA rank 512, alpha 32,
+        dropout 0.05 on every linear layer of the decoder; AdamW lr 2e-4 with a cosine schedule, no
+        gradient clipping; per step 32 forget, 32 maintain and 16 general-text sequences; 20 steps."""
+        return cls(**{**dict(mode="lora", steps=20, lr=2e-4, lora_rank=512, lora_alpha=32.0, lora_dropout=0.05,
+                             schedule="cosine", grad_clip=None, batch_size=32, maintain_batch=32, lm_batch=16),
+                      **overrides})
 
     def checked_eval_steps(self) -> list[int]:
         steps = sorted(set(self.eval_steps or (0, self.steps // 2, self.steps)))
@@ -63,6 +75,7 @@ class RelearnResult:
     n_trainable: int = 0
     seconds: float = 0.0
     losses: list = field(default_factory=list)
+    heldout_by_athlete: list = field(default_factory=list)  # per eval step: p_true of each held-out athlete
 
 
 def decoder_linear_names(model, layers: list[int] | None = None) -> list[str]:
@@ -82,7 +95,8 @@ def decoder_parameter_names(model, layers: list[int] | None = None) -> list[str]
 
 
 @contextlib.contextmanager
-def lora_adapter(model, rank: int = 64, alpha: float = 32.0, layers: list[int] | None = None):
+def lora_adapter(model, rank: int = 64, alpha: float = 32.0, layers: list[int] | None = None,
+                 dropout: float = 0.0):
     """Add a LoRA adapter (peft) to every linear layer of the decoder; yields its parameters.
 
     On exit the adapter is unloaded without merging: the original modules, with their original
@@ -94,7 +108,7 @@ def lora_adapter(model, rank: int = 64, alpha: float = 32.0, layers: list[int] |
     if rank < 1:
         raise AttackError(f"LoRA rank must be >= 1, got {rank}")
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in decoder_linear_names(model)})
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=suffixes,
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=suffixes,
                      layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
     had = set(vars(model.hf))
     with warnings.catch_warnings():
@@ -133,6 +147,14 @@ def full_finetune(model, layers: list[int] | None = None):
         restore(model, saved)
         del saved
 
+def _dropout_mode(model, training: bool) -> None:
+    """Switch the LoRA adapter's dropout on (a training step) or off (an evaluation); nothing else
+    in the model changes mode. No-op without a LoRA dropout."""
+    for name, m in model.hf.named_modules():
+        if "lora_dropout" in name and isinstance(m, torch.nn.Dropout):
+            m.train(training)
+
+
 def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.DataFrame,
             general_text: list[str], config: RelearnConfig | None = None, progress: bool = True) -> RelearnResult:
     """Relearning attack on the model as it is now (an edited model). The weights come back exactly.
@@ -143,6 +165,8 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
     check_budget(cfg.steps, f"relearning ({cfg.mode})")
     if cfg.mode not in ("lora", "full"):
         raise AttackError(f"relearning mode must be 'lora' or 'full', got {cfg.mode!r}")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise AttackError(f"relearning schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     eval_at = cfg.checked_eval_steps()
     train = train.head(cfg.n_train) if cfg.n_train else train
     if len(train) == 0 or len(heldout) == 0:
@@ -159,13 +183,16 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
     res = RelearnResult([], [], [], asdict(cfg))
 
     def evaluate(step):
+        _dropout_mode(model, False)
         if step in eval_at:  # both halves in one pass
             p = athlete_p_true(model, pd.concat([heldout, train], ignore_index=True)).to_numpy()
             res.steps.append(step)
             res.forget_p_true.append(float(p[:len(heldout)].mean()))
             res.train_p_true.append(float(p[len(heldout):].mean()))
+            res.heldout_by_athlete.append(p[:len(heldout)].tolist())
 
     def loss_fn(step):
+        _dropout_mode(model, True)
         f_idx = draw(rng, n_f, cfg.batch_size)
         m_idx = n_f + draw(rng, len(maintain), cfg.maintain_batch) \
             if len(maintain) and cfg.maintain_coef > 0 else np.array([], dtype=int)
@@ -181,12 +208,14 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
         return AttackError(f"relearning loss became {value} at step {step}: lower lr ({cfg.lr})")
 
     t0 = time.perf_counter()
-    ctx = (lora_adapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.layers) if cfg.mode == "lora"
+    ctx = (lora_adapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.layers, cfg.lora_dropout) if cfg.mode == "lora"
            else full_finetune(model, cfg.layers))
     with ctx as params:
         res.n_trainable = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        history = train_loop(params, loss_fn, opt, cfg.steps, grad_clip=cfg.grad_clip, on_nonfinite=diverged,
+        schedule = cosine_schedule(opt, 0, cfg.steps) if cfg.schedule == "cosine" else None
+        history = train_loop(params, loss_fn, opt, cfg.steps, schedule=schedule, grad_clip=cfg.grad_clip,
+                             on_nonfinite=diverged,
                              before_step=evaluate, desc=f"relearn {cfg.mode}", progress=progress,
                              model=model)
         evaluate(cfg.steps)

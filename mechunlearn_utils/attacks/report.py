@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechunlearn_utils.evaluate.verdicts import claim_verdict
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_verdict, claim_verdict
 
 
 def attack_records(results: dict, baseline: dict, prefix: str = "") -> list[dict]:
@@ -96,4 +96,55 @@ def plot_recovery(table: pd.DataFrame, title: str = ""):
     labels = [" / ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in table.index]
     sns.heatmap(table.set_axis(labels), annot=True, fmt=".2f", cmap="RdBu_r", center=0, vmin=-1, vmax=1, ax=ax)
     ax.set(title=title or "forget p(true) recovered by each attack", xlabel="attack", ylabel="")
+    return fig
+
+
+# --------------------------------------------------------------------------- uncertainty (issue 15)
+
+def relearn_ci_frame(results: dict, step: int = -1, level: float = 0.95) -> pd.DataFrame:
+    """Per (task, method, variant): held-out p(true) at eval step index `step` (the last by default)
+    with its bootstrap CI over the held-out athletes (`evaluate.verdicts.bootstrap_ci`), from the
+    per-athlete values each `RelearnResult` keeps. Columns task, method, variant, p_true, ci_low, ci_high, n."""
+    rows = []
+    for (t, m, v), r in results.items():
+        per = r.heldout_by_athlete[step]
+        lo, hi = bootstrap_ci(per, level=level)
+        rows.append(dict(task=t, method=m, variant=v, p_true=float(sum(per) / len(per)), ci_low=lo, ci_high=hi,
+                         n=len(per)))
+    return pd.DataFrame(rows, columns=["task", "method", "variant", "p_true", "ci_low", "ci_high", "n"])
+
+
+def relearn_ci_verdicts(results: dict, flu: str = "flu", rivals=("ap", "ct")) -> pd.DataFrame:
+    """Per (task, variant): the verdict with intervals (`evaluate.verdicts.ci_verdict`) on the held-out
+    athletes' p(true) after relearning (lower = the edit held): reproduced only when the paired CI of
+    (rival - FLU) lies above 0 for every rival. Columns task, variant, verdict, and per rival the CI."""
+    rows = []
+    for (t, v) in dict.fromkeys((t, v) for t, _, v in results):
+        per_fact = {m: r.heldout_by_athlete[-1] for (tt, m, vv), r in results.items() if (tt, vv) == (t, v)}
+        verdict, cis = ci_verdict(per_fact, flu, rivals, lower_is_better=True)
+        rows.append(dict(task=t, variant=v, verdict=verdict,
+                         **{f"{r}-{flu} CI": f"[{lo:+.3f}, {hi:+.3f}]" for r, (lo, hi) in cis.items()},
+                         **{f"{r}.ci": (lo, hi) for r, (lo, hi) in cis.items()}))
+    return pd.DataFrame(rows)
+
+
+def plot_ci_bars(frame: pd.DataFrame, title: str = "", ylabel: str = "held-out forget p(true)"):
+    """One panel per task: a point per method and variant with its CI as an error bar (the spread
+    of a per-fact mean; `relearn_ci_frame`'s columns)."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(frame.task))
+    variants = list(dict.fromkeys(frame.variant))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(1.5 + 0.9 * frame.method.nunique() * len(tasks), 3.4),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = frame[frame.task == task]
+        methods = list(dict.fromkeys(g.method))
+        for k, (v, marker) in enumerate(zip(variants, "osD^v<>")):
+            d = g[g.variant == v].set_index("method").reindex(methods).dropna(subset=["p_true"])
+            x = [methods.index(m) + 0.15 * (k - (len(variants) - 1) / 2) for m in d.index]
+            ax.errorbar(x, d.p_true, yerr=[d.p_true - d.ci_low, d.ci_high - d.p_true], fmt=marker, capsize=3, label=v)
+        ax.set(xticks=range(len(methods)), xticklabels=methods, ylim=(0, 1), title=task, ylabel=ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title or "95% bootstrap CI over the held-out athletes", y=1.02)
     return fig

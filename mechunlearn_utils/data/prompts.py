@@ -29,6 +29,20 @@ SPORT_TEMPLATES = {
 }
 SPORT_FORMATS = ("normal", "question", "mcq")
 
+# The paper's own texts (magikarp01/tasks `facts/SportsTaskAdversarial.py`: `SportsTask_ICL_SYS` with
+# use_system_prompt=True, and `SportsTask_MC` one shot), measured next to ours (notebook 00).
+PAPER_SYSTEM_PROMPT = ("You are a helpful chatbot that answers questions about athletes. "
+                       "Please be maximally helpful and factually correct.")
+_PAPER_MCQ_OPTIONS = "\nA: Football\nB: Baseball\nC: Basketball\nD: Golf\n\nAnswer:"
+PAPER_SPORT_TEMPLATES = {
+    "paper_question": (PAPER_SYSTEM_PROMPT + " Question: What sport does Tiger Woods play? Answer: golf\n"
+                       "Question: What sport does {athlete} play? Answer:"),
+    "paper_mcq": ("Fact: Tiger Woods plays the sport of" + _PAPER_MCQ_OPTIONS + " D\n\n"
+                  "Fact: {athlete} plays the sport of" + _PAPER_MCQ_OPTIONS),
+}
+PAPER_MCQ_ORDER = ("football", "baseball", "basketball", "golf")  # A, B, C, D in every paper_mcq prompt
+PAPER_SPORT_FORMATS = tuple(PAPER_SPORT_TEMPLATES)
+
 # Formats no edit ever trains on (used by the attacks notebook).
 SPORT_PARAPHRASE_TEMPLATES = (
     "Tiger Woods is famous for playing golf. {athlete} is famous for playing",
@@ -86,11 +100,11 @@ def sport_prompt(athlete: str, fmt: str = "normal", template: str | None = None)
         if "{athlete}" not in template:
             raise ValueError("a custom template must contain '{athlete}'")
         return template.format(athlete=athlete)
-    if fmt in SPORT_TEMPLATES:
-        return SPORT_TEMPLATES[fmt].format(athlete=athlete)
+    if fmt in SPORT_TEMPLATES or fmt in PAPER_SPORT_TEMPLATES:
+        return {**SPORT_TEMPLATES, **PAPER_SPORT_TEMPLATES}[fmt].format(athlete=athlete)
     if fmt == "mcq":
         raise ValueError("use sport_prompts(..., fmt='mcq'): MC prompts depend on the options")
-    raise ValueError(f"unknown sports format {fmt!r}; choose one of {SPORT_FORMATS}")
+    raise ValueError(f"unknown sports format {fmt!r}; choose one of {SPORT_FORMATS + PAPER_SPORT_FORMATS}")
 
 
 def sport_prompts(athletes: list[str], sports: list[str], fmt: str = "normal",
@@ -98,13 +112,17 @@ def sport_prompts(athletes: list[str], sports: list[str], fmt: str = "normal",
     """Prompts for athletes; the right answer of athlete i is sports[i] (any string in candidates).
 
     For ``mcq`` the candidates are the letters A-D and the options are the athlete's sport plus
-    the other sports (golf fills the fourth slot), in a fixed per-athlete order.
+    the other sports (golf fills the fourth slot), in a fixed per-athlete order. ``paper_mcq``: the
+    paper's text, letters A-D in the one order `PAPER_MCQ_ORDER` for every athlete.
     """
     if len(athletes) == 0:
         raise ValueError("no athletes given: the fact set is empty")
     unknown = sorted(set(sports) - set(candidates) - {"golf"})
     if unknown:
         raise ValueError(f"unknown sport(s) {unknown}; candidates are {list(candidates)}")
+    if fmt == "paper_mcq":
+        return PromptSet([sport_prompt(a, fmt) for a in athletes], [[" " + x for x in MCQ_LETTERS]] * len(athletes),
+                         [PAPER_MCQ_ORDER.index(s) for s in sports], meta=dict(format=fmt, task="sports"))
     if fmt != "mcq":
         cands = [" " + c for c in candidates]
         return PromptSet([sport_prompt(a, fmt, template) for a in athletes],

@@ -220,3 +220,26 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
         return sum(vals) / len(vals) if vals else -1.0
 
     return max(positions, key=base_acc)
+
+
+# Claims whose inputs carry per-fact values, and where their bootstrap verdict lives: notebook 05 keeps the
+# held-out athletes' p(true) after LoRA relearning (`verdict_ci.relearn_lora.<task>`,
+# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`). The other claims' notebooks keep only means.
+CI_SOURCES = {"relearning": "relearn_lora"}
+
+
+def attach_cis(verdicts: list[dict], attacks: dict, sources: dict = CI_SOURCES, rivals=("ap", "ct")) -> list[str]:
+    """Add `verdict_ci` and `ci (rival - flu)` to each verdict row whose claim has per-fact intervals
+    in notebook 05's metrics `attacks` (in place); returns the claim ids that got them."""
+    got = []
+    for v in verdicts:
+        variant = sources.get(v["id"])
+        key = f"verdict_ci.{variant}.{v['task']}"
+        if variant is None or key not in attacks:
+            continue
+        cis = [(r, attacks.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_low"),
+                attacks.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_high")) for r in rivals]
+        v["verdict_ci"] = attacks[key]
+        v["ci (rival - flu)"] = ", ".join(f"{r} [{lo:+.3f}, {hi:+.3f}]" for r, lo, hi in cis if lo is not None)
+        got.append(v["id"])
+    return sorted(set(got))

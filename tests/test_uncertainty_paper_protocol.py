@@ -1,0 +1,158 @@
+"""Issue 15, the parts that add measurements: the paired bootstrap and the verdict with intervals,
+the paper's relearning preset, the paper's soft-prompt adversary, the paper's prompt formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mechunlearn_utils import attacks as A
+from mechunlearn_utils.data.prompts import PAPER_MCQ_ORDER, PAPER_SYSTEM_PROMPT, sport_prompts
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_verdict, diff_ci
+
+ATHLETES = pd.DataFrame({
+    "athlete": ["Michael Jordan", "LeBron James", "Babe Ruth", "Derek Jeter", "Tom Brady", "Peyton Manning",
+                "Kobe Bryant", "Joe Montana"],
+    "sport": ["basketball", "basketball", "baseball", "baseball", "football", "football", "basketball",
+              "football"],
+})
+
+
+# --------------------------------------------------------------------------- bootstrap and verdicts
+
+def test_bootstrap_ci_brackets_the_mean_and_is_fixed_by_seed():
+    v = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    lo, hi = bootstrap_ci(v)
+    assert lo < v.mean() < hi and 0.1 <= lo and hi <= 0.8
+    assert bootstrap_ci(v, seed=0) == (lo, hi)
+    assert bootstrap_ci(v, level=0.5)[1] - bootstrap_ci(v, level=0.5)[0] < hi - lo  # narrower at 50%
+    assert bootstrap_ci([0.3] * 5) == (0.3, 0.3)  # no spread, no width
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_diff_ci_is_paired():
+    a = np.array([0.9, 0.5, 0.7, 0.3, 0.8])
+    b = a - 0.1  # the same facts, each 0.1 lower: a paired CI has no width, an unpaired one would
+    lo, hi = diff_ci(a, b)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="shape"):
+        diff_ci(a, b[:3])
+
+
+def test_ci_verdict_rules():
+    flu = np.array([0.1, 0.2, 0.1, 0.15, 0.2, 0.1])
+    high = flu + np.array([0.5, 0.6, 0.4, 0.5, 0.7, 0.6])
+    noisy = flu + np.array([0.3, -0.3, 0.2, -0.2, 0.1, -0.1])
+    assert ci_verdict({"flu": flu, "ap": high, "ct": high})[0] == "reproduced"
+    assert ci_verdict({"flu": high, "ap": flu, "ct": flu})[0] == "not reproduced"
+    assert ci_verdict({"flu": flu, "ap": high, "ct": noisy})[0] == "inconclusive"
+    assert ci_verdict({"flu": flu, "ap": high, "ct": flu - 0.05})[0] == "mixed"
+    verdict, cis = ci_verdict({"flu": high, "ap": flu}, lower_is_better=False)
+    assert verdict == "reproduced" and cis["ap"][0] > 0  # higher is better: FLU above AP
+    assert ci_verdict({"ap": flu})[0] == "not measured"
+
+
+# --------------------------------------------------------------------------- paper formats
+
+def test_paper_formats_are_the_papers_texts():
+    q = sport_prompts(["Michael Jordan"], ["basketball"], "paper_question")
+    assert q.prompts[0].startswith(PAPER_SYSTEM_PROMPT + " Question: What sport does Tiger Woods play? Answer: golf\n")
+    assert q.prompts[0].endswith("Question: What sport does Michael Jordan play? Answer:")
+    m = sport_prompts(["Michael Jordan", "Tom Brady"], ["basketball", "football"], "paper_mcq")
+    assert m.candidates[0] == [" A", " B", " C", " D"] and m.correct == [2, 0]
+    assert PAPER_MCQ_ORDER == ("football", "baseball", "basketball", "golf")
+    opts = "A: Football\nB: Baseball\nC: Basketball\nD: Golf\n\nAnswer:"
+    assert m.prompts[1] == f"Fact: Tiger Woods plays the sport of\n{opts} D\n\nFact: Tom Brady plays the sport of\n{opts}"
+
+
+# --------------------------------------------------------------------------- relearning preset
+
+def test_paper_relearn_preset():
+    cfg = A.RelearnConfig.paper(seed=3)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lr, cfg.schedule, cfg.grad_clip) == \
+        (512, 32.0, 0.05, 2e-4, "cosine", None)
+    assert (cfg.batch_size, cfg.maintain_batch, cfg.lm_batch, cfg.steps, cfg.seed) == (32, 32, 16, 20, 3)
+    assert A.RelearnConfig().lora_dropout == 0.0 and A.RelearnConfig().schedule == "constant"  # the default kept
+
+
+def test_paper_style_relearn_runs_and_keeps_per_athlete_values(tiny):
+    train, heldout = A.split_forget(ATHLETES, seed=0)
+    before = {n: p.detach().clone() for n, p in tiny.hf.state_dict().items()}
+    cfg = A.RelearnConfig.paper(steps=3, lora_rank=4, lr=5e-2, lm_coef=0.0, batch_size=4, maintain_batch=2)
+    res = A.relearn(tiny, train, heldout, ATHLETES.tail(3), [], cfg, progress=False)
+    assert res.steps == [0, 1, 3] and len(res.heldout_by_athlete) == 3
+    assert all(len(p) == len(heldout) for p in res.heldout_by_athlete)
+    assert np.mean(res.heldout_by_athlete[-1]) == pytest.approx(res.forget_p_true[-1])
+    assert res.train_p_true[-1] > res.train_p_true[0]
+    assert all(torch.equal(tiny.hf.state_dict()[n], p) for n, p in before.items())
+    with pytest.raises(A.AttackError, match="schedule"):
+        A.relearn(tiny, train, heldout, ATHLETES, [], A.RelearnConfig(schedule="linear"), progress=False)
+
+
+# --------------------------------------------------------------------------- the paper's soft prompt
+
+def test_paper_soft_prompt_trains_and_respects_the_bound(tiny):
+    train, heldout = A.split_forget(ATHLETES)
+    before = {n: p.detach().clone() for n, p in tiny.hf.state_dict().items()}
+    cfg = A.PaperSoftPromptConfig(n_vectors=4, norm_bound=0.5, lr=1e-2, steps=8, batch_size=4, runs=2)
+    sp = A.train_paper_soft_prompt(tiny, train, cfg, progress=False)
+    assert len(sp.adversaries) == 2 and len(sp.losses) == 2
+    for adv, losses in zip(sp.adversaries, sp.losses):
+        assert adv.keys.shape == (4, tiny.d_model)
+        assert (adv.keys.norm(dim=-1) <= 0.5 + 1e-5).all() and (adv.values.norm(dim=-1) <= 0.5 + 1e-5).all()
+        assert losses[-1] < losses[0]  # it trains
+    p = A.paper_soft_prompt_p_true(tiny, train, sp)
+    assert list(p.index) == list(train.athlete)
+    assert p.mean() > A.sports_p_true(tiny, train)["p"]  # it elicits the trained answers
+    assert A.athlete_p_true(tiny, heldout).equals(A.athlete_p_true(tiny, heldout))  # the hook is gone
+    assert all(torch.equal(tiny.hf.state_dict()[n], p) for n, p in before.items())  # the model never trains
+
+
+# --------------------------------------------------------------------------- 05's CI table, verdicts, plot
+
+def _fake_results():
+    import types
+
+    def r(per):
+        return types.SimpleNamespace(heldout_by_athlete=[[0.9] * len(per), per])
+    low, high = [0.1, 0.15, 0.1, 0.2, 0.1, 0.12], [0.8, 0.85, 0.9, 0.7, 0.8, 0.75]
+    return {("t", "flu", "relearn_lora"): r(low), ("t", "ap", "relearn_lora"): r(high),
+            ("t", "ct", "relearn_lora"): r(high)}
+
+
+def test_relearn_ci_frame_verdicts_and_plot():
+    res = _fake_results()
+    frame = A.relearn_ci_frame(res)
+    flu = frame.set_index("method").loc["flu"]
+    assert flu.ci_low <= flu.p_true <= flu.ci_high and flu.n == 6
+    assert flu.p_true == pytest.approx(np.mean([0.1, 0.15, 0.1, 0.2, 0.1, 0.12]))
+    v = A.relearn_ci_verdicts(res)
+    assert v.verdict.tolist() == ["reproduced"] and v["ap.ci"][0][0] > 0
+    fig = A.plot_ci_bars(frame)
+    assert len(fig.axes) == 1
+
+
+def test_attach_cis_only_where_05_has_intervals():
+    from mechunlearn_utils.workbook.results import attach_cis
+
+    verdicts = [dict(id="relearning", task="t", verdict="mixed"), dict(id="relearning", task="u", verdict="mixed"),
+                dict(id="latent", task="t", verdict="reproduced")]
+    attacks = {"verdict_ci.relearn_lora.t": "inconclusive", "t.relearn_lora.ci.ap_minus_flu_low": -0.1,
+               "t.relearn_lora.ci.ap_minus_flu_high": 0.2}
+    assert attach_cis(verdicts, attacks) == ["relearning"]
+    assert verdicts[0]["verdict_ci"] == "inconclusive" and verdicts[0]["ci (rival - flu)"] == "ap [-0.100, +0.200]"
+    assert "verdict_ci" not in verdicts[1] and "verdict_ci" not in verdicts[2]
+
+
+def test_above_chance_binomial():
+    from mechunlearn_utils.evaluate.verdicts import above_chance
+
+    assert above_chance(60, 100, 0.25)["above"] is True
+    r = above_chance(27, 100, 0.25)
+    assert r["above"] is False and 0.2 < r["p_value"] < 0.5 and r["accuracy"] == 0.27
+    assert above_chance(4, 4, 0.25)["p_value"] == pytest.approx(0.25 ** 4)  # all right by luck
+    with pytest.raises(ValueError):
+        above_chance(5, 4, 0.25)
