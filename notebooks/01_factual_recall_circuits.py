@@ -256,7 +256,8 @@ print(f"share of |direct effect| from layer {first_top1} (answer readable) on: {
 # * **Causal tracing vs ROME's per-token trace.** The workbook's CT (notebook 02) restores one
 #   component's output at *every* position at once, so it scores a layer; ROME restores one
 #   (layer, token) at a time, which is the per-position heatmap below (with another athlete
-#   instead of noise), and is what shows the last subject token.
+#   instead of noise), and is what shows the last subject token. Notebook 02 (end of section 4)
+#   draws ROME's trace itself, with the Gaussian noise (`localize.causal_trace_tokens`).
 # * **MLP0.** In Gemma-like models the first MLP behaves like an extension of the embedding: it
 #   transforms each token on its own. Restoring MLP0 at the subject's tokens restores the name
 #   itself, so a large MLP0 score says "the subject's tokens matter", not "MLP0 looks the sport up".

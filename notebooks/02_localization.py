@@ -61,6 +61,8 @@ CT_FEW_FACTS = 2  # the `ct_few` variant: CT from only the first facts of those
 CT_NOISE_SAMPLES = 1  # the paper: one noise draw
 CT_NOISE_SCALE = 3.0
 CT_NOISE_RULE = "paper_sqrt"  # noise sd sqrt(3 x std), the paper's code; "scale_std": 3 x std
+TRACE_FACT = 0  # the fact of the first task traced token by token, ROME style (end of section 4)
+TRACE_LAYERS = 0  # layers in that trace, evenly spaced (0: every layer; SMOKE: 2)
 PROBE_FACTS = 0  # athletes for the probes (0: every known athlete)
 AGREEMENT_FACTS = 12  # AP vs real activation patching: facts ...
 AGREEMENT_COMPONENTS = 12  # ... and components compared
@@ -90,6 +92,7 @@ from mechunlearn_utils import load_model
 from mechunlearn_utils import localize as lz
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.evaluate.probes import cv_probe_accuracy, plot_probe_curves, residuals_at
+from mechunlearn_utils.viz.circuits_plots import plot_token_trace
 from mechunlearn_utils.workbook.results import MissingResultsError, read_metrics, save_figure, write_metrics
 
 STEM = "02_localization"
@@ -97,7 +100,7 @@ t_start = time.perf_counter()
 RESULTS_DIR = start(SEED, RESULTS_DIR)
 if SMOKE:
     N_FACTS, FLU_FACTS, CT_FACTS, CT_FEW_FACTS, CT_NOISE_SAMPLES = 8, 8, 2, 1, 1
-    AGREEMENT_FACTS, AGREEMENT_COMPONENTS, PROBE_FACTS = 6, 6, 45
+    AGREEMENT_FACTS, AGREEMENT_COMPONENTS, PROBE_FACTS, TRACE_LAYERS = 6, 6, 45, 2
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "backend": BACKEND}
 
 # %% [markdown]
@@ -286,6 +289,42 @@ for t in facts:
     fig.tight_layout()
     save_figure(fig, RESULTS_DIR, STEM, f"{t}_ap_ct_heatmaps")
     plt.show()
+
+# %% [markdown]
+# CT above restores a component at *every* position, so it scores a layer. ROME's own trace is
+# finer: restore the clean state at **one (token, layer)** of the noised run at a time, for one
+# fact, and draw p(right answer) as a [position x layer] map, for the residual stream and for
+# what each MLP and attention layer adds to it (same noise as CT). Positions before the subject
+# need no run: nothing differs there. Rows: 3 kinds x layers x tokens from the subject on.
+#
+# *Predict:* at which token does restoring the MLP outputs help most, and in which layers?
+
+# %%
+trace_task = TASKS[0]
+trace_layers = (np.linspace(0, model.n_layers - 1, TRACE_LAYERS).round().astype(int).tolist()
+                if TRACE_LAYERS else None)
+trace = lz.causal_trace_tokens(model, facts[trace_task], TRACE_FACT, layers=trace_layers,
+                               noise_scale=CT_NOISE_SCALE, seed=SEED, noise_rule=CT_NOISE_RULE, backend=BACKEND)
+fig = plot_token_trace(trace, f"{trace_task}: {facts[trace_task].subjects[TRACE_FACT]}")
+save_figure(fig, RESULTS_DIR, STEM, f"{trace_task}_token_trace")
+plt.show()
+
+# %% [markdown]
+# Reading it, from this run's numbers: the layer where restoring one state helps most, for the
+# residual stream and the MLPs at the last subject token and for attention at the final token.
+
+# %%
+last_subject, final = trace.subject_positions[-1], len(trace.labels) - 1
+print(f"p clean {trace.p_clean:.3f}, noised {trace.p_noised:.3f} ({trace.seconds:.0f} s)")
+for kind, pos in (("resid_pre", last_subject), ("mlp_out", last_subject), ("attn_out", final)):
+    best = int(np.argmax(trace.p[kind][pos]))
+    print(f"restore {kind} at {trace.labels[pos]!r} (position {pos}): best at layer "
+          f"{trace.layers[best]}, p {trace.p[kind][pos, best]:.3f}")
+    metrics[f"{trace_task}.token_trace.{kind}.best_layer"] = trace.layers[best]
+    metrics[f"{trace_task}.token_trace.{kind}.best_p"] = float(trace.p[kind][pos, best])
+metrics.update({f"{trace_task}.token_trace.{k}": v for k, v in dict(
+    fact=facts[trace_task].subjects[TRACE_FACT], p_clean=trace.p_clean, p_noised=trace.p_noised,
+    seconds=trace.seconds, layers=trace.layers).items()})
 
 # %% [markdown]
 # ## 5 · Path patching: extraction heads, and does it support the FLU range?
@@ -540,6 +579,9 @@ pd.DataFrame(claims)
 #   `.effect_inside` / `.effect_outside` (path patching of the FLU range),
 #   `<task>.extraction_heads.min_layer` (lowest layer holding an extraction head; also
 #   `sports.extraction_heads.min_layer`)
+# * `<first task>.token_trace.fact` / `.p_clean` / `.p_noised` / `.seconds` / `.layers` and
+#   `.<kind>.best_layer` / `.best_p` (ROME's per-token trace of one fact, end of section 4; kind
+#   resid_pre and mlp_out at the last subject token, attn_out at the final token)
 # * `<task>.design.<choice>.jaccard` / `.depth_shift` (section 8; choice names with spaces as `_`)
 # * `<task>.flu.threshold`, `.head_threshold`, `.extraction_layer`, `.extraction_heads` ("l.h"),
 #   `.mlp_effect`, `.hand_given`, `<task>.budget` (= FLU parameter count)

@@ -291,20 +291,24 @@ for line in verdict_lines(table, tasks, mcq_usable=setup["mcq_usable"]):
 
 # %% [markdown]
 # ## 7 · Try it yourself: edit one fact and query the edited model
-# Pick a localization, an athlete and a new sport; the widget trains the edit (a few steps)
-# and shows the answer in every format. The demo below runs the widget's function once with
-# defaults (`DEMO_STEPS`), so its result shows even without a live kernel; the widget needs one.
+# Pick a localization, an athlete and a new sport; the widget trains the edit (a few steps,
+# with a progress bar) at the learning rate section 3 chose for the method, keeps a maintain
+# set with as many athletes of every sport, and shows the answer in every format and the side
+# effects: maintain p(true) and the LM loss on a few held-out paragraphs, before and after. The
+# demo below runs the widget's function once with defaults (`DEMO_STEPS`), so its result shows
+# even without a live kernel; the widget needs one.
 
 # %%
 from mechunlearn_utils.viz.widgets import edit_fact_widget, edit_one_athlete  # noqa: E402
 
 demo_method = "flu" if "flu" in localizations["sports"] else next(iter(localizations["sports"]))
+swept_lr = {m: s["lr"] for m, s in chosen.items()}  # methods the sweep skipped: the widget's default
 if DEMO_STEPS:
-    demo = edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,
-                            athlete=athletes.athlete.iloc[0], new_sport="golf",
-                            steps=3 if SMOKE else DEMO_STEPS, general_text=train_text)
-    display(demo)
-edit_fact_widget(model, localizations["sports"], athletes, train_text)
+    edit_one_athlete(model, localizations["sports"][demo_method].params, athletes,
+                     athlete=athletes.athlete.iloc[0], new_sport="golf", steps=3 if SMOKE else DEMO_STEPS,
+                     lr=swept_lr.get(demo_method), general_text=train_text,
+                     heldout_text=heldout_text[:4]).show()
+edit_fact_widget(model, localizations["sports"], athletes, train_text, heldout_text[:4], swept_lr)
 
 # %% [markdown]
 # Every edit, sweep setting and widget demo above trained the base weights in place and put them

@@ -266,8 +266,9 @@ else:
 # %% [markdown]
 # ## 5 · Explore: pick a localization and N
 # The widget zeroes the N most-changed weights of the chosen localization's mask and shows every
-# measure (the base weights come back afterwards). It needs a live kernel: an executed copy saved
-# by papermill shows no result here (the sweep of section 3 has every N of the grid).
+# measure (the base weights come back afterwards). It opens with the result of the first
+# localization at the default N; trying others needs a live kernel (the sweep of section 3 has
+# every N of the grid).
 
 # %%
 mask_widget(model, task, masks, formats=("normal", GEN))

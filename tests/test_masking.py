@@ -112,7 +112,7 @@ def test_top_changed_and_binary_masks():
         top_changed({}, 2)
 
 
-def test_sweep_masks_n_weights_and_restores(tiny, task, trained, capsys):
+def test_sweep_masks_n_weights_and_restores(tiny, task, trained):
     named = dict(tiny.hf.named_parameters())
     before = {n: named[n].detach().clone() for n in LOC}
     base = edit_measures(tiny, task, formats=("normal", "question"))
@@ -130,14 +130,16 @@ def test_sweep_masks_n_weights_and_restores(tiny, task, trained, capsys):
     fig = plot_mask_sweep(curve.assign(method="x"), base, "question", title="tiny")
     assert len(fig.axes) == 3
     ui = mask_widget(tiny, task, {"x": trained})
-    _, n, button = ui.children[0].children
+    (_, n, button), out = ui.children[0].children, ui.children[1]
+    opened = out.value  # before any click: the default N's result
+    default = min(n.value, trained.n_changed)
+    assert f"N={n.value}" in opened and f"N={default}" in opened and "forget.normal.p_true" in opened
     n.value = 5
     button.click()
-    shown = capsys.readouterr().out
-    assert "N=5" in shown and f"{r['forget.normal.p_true']:.3f}" in shown  # the mask of the 5 most-changed weights
+    assert "N=5" in out.value and f"{r['forget.normal.p_true']:.3f}" in out.value  # the 5 most-changed weights
     n.value = 0
     button.click()
-    assert "must be positive" in capsys.readouterr().out
+    assert "must be positive" in out.value
 
 
 def test_edit_measures_equal_evaluate_task(tiny, task):

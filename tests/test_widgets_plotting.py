@@ -8,7 +8,7 @@ import pytest
 from mechunlearn_utils.data.datasets import load_athletes
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
 from mechunlearn_utils.viz.plotting import edit_summary_plot
-from mechunlearn_utils.viz.widgets import edit_fact_widget, edit_one_athlete
+from mechunlearn_utils.viz.widgets import balanced_maintain, edit_fact_widget, edit_one_athlete
 
 LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
@@ -17,7 +17,16 @@ def test_edit_one_athlete_moves_the_new_answer_and_restores(tiny):
     athletes = load_athletes().groupby("sport").head(8).reset_index(drop=True)
     before = {n: p.clone() for n, p in tiny.named_parameters().items()}
     name = athletes.athlete.iloc[0]
-    table = edit_one_athlete(tiny, LATE, athletes, name, "golf", steps=30, lr=3e-2, general_text=[" ".join(load_athletes().athlete)])
+    text = [" ".join(load_athletes().athlete)]
+    seen = []
+    result = edit_one_athlete(tiny, LATE, athletes, name, "golf", steps=30, lr=3e-2, general_text=text,
+                              heldout_text=text, on_step=seen.append)
+    table = result.answers
+    assert [r["step"] for r in seen] == list(range(30)) and result.lr == 3e-2
+    side = result.side_effects
+    assert list(side.index) == ["maintain p(true)", "LM loss (held-out text)"]
+    assert side.loc["maintain p(true)", ["before", "after"]].between(0, 1).all()
+    assert np.allclose(side.change, side.after - side.before, atol=1e-3) and (side.change != 0).any()
     assert table.loc[("after", "normal"), "p(golf)"] > table.loc[("before", "normal"), "p(golf)"]
     assert all((p == before[n]).all() for n, p in tiny.named_parameters().items())
     with pytest.raises(ValueError, match="already plays"):
@@ -32,8 +41,10 @@ def test_widget_controls_drive_the_edit_it_shows(tiny, capsys):
     class Loc:
         params = LATE
     athletes = load_athletes().groupby("sport").head(4).reset_index(drop=True)
-    ui = edit_fact_widget(tiny, {"late": Loc()}, athletes, [])
+    ui = edit_fact_widget(tiny, {"late": Loc()}, athletes, [], heldout_text=[" ".join(load_athletes().athlete)],
+                          lrs={"late": 1e-3})
     (_, athlete), (sport, steps, button) = ui.children[0].children, ui.children[1].children
+    bar = ui.children[2]
     assert list(sport.options) == list(EDIT_CANDIDATES)
     row = athletes.iloc[5]
     athlete.value, steps.value = row.athlete, 5
@@ -42,6 +53,9 @@ def test_widget_controls_drive_the_edit_it_shows(tiny, capsys):
     button.click()
     first = capsys.readouterr().out
     assert "p(golf)" in first and f"p({row.sport})" in first and "after" in first
+    assert (bar.value, bar.max) == (5, 5)  # the progress bar followed every training step
+    assert "lr 0.001" in first and "maintain p(true)" in first and "LM loss (held-out text)" in first
+    assert "change" in first and "3 baseball, 3 basketball, 3 football" in first  # balanced; 3: the edited sport's rest
     other = next(s for s in EDIT_CANDIDATES if s not in (row.sport, "golf"))
     sport.value = other
     button.click()
@@ -50,6 +64,17 @@ def test_widget_controls_drive_the_edit_it_shows(tiny, capsys):
     sport.value = row.sport
     button.click()
     assert "already plays" in capsys.readouterr().out
+
+
+def test_maintain_set_is_balanced_over_sports_and_leaves_out_the_edited_athlete():
+    athletes = load_athletes().groupby("sport").head(7).reset_index(drop=True)
+    edited = athletes.athlete.iloc[0]
+    maintain = balanced_maintain(athletes, edited, per_sport=5)
+    assert edited not in set(maintain.athlete) and maintain.athlete.is_unique
+    assert maintain.sport.value_counts().tolist() == [5] * athletes.sport.nunique()
+    assert set(maintain.athlete) <= set(athletes.athlete)
+    small = balanced_maintain(athletes, edited, per_sport=50)  # capped by the smallest sport (the edited one's: 6 left)
+    assert small.sport.value_counts().tolist() == [6] * athletes.sport.nunique()
 
 
 def test_edit_summary_plot_draws_each_method_at_its_numbers():

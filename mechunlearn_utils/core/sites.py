@@ -315,16 +315,26 @@ def add_rows(delta: torch.Tensor):
     return edit
 
 
-def replace_rows(source: torch.Tensor, f_idx: torch.Tensor, rows: list[int], heads: list[int] | None = None):
+def replace_rows(source: torch.Tensor, f_idx: torch.Tensor, rows: list[int], heads: list[int] | None = None,
+                 positions: list[list[int]] | None = None):
     """Edit that writes another run's activation into batch rows `rows` (for head sites: only
     `heads`): row r gets ``source[f_idx[r]]`` (a clean activation restored into a noised run, or a
-    corrupt one patched into a clean run)."""
+    corrupt one patched into a clean run); with `positions`, only at the positions
+    ``positions[i]`` of row ``rows[i]`` (ROME's per-token trace; not with `heads`)."""
     rows_t = torch.tensor(rows)
     src_rows = f_idx[rows_t]
+    if positions is not None and heads is not None:
+        raise ValueError("replace_rows restores either some heads or some positions, not both")
 
     def edit(a):
         a = a.clone()
-        if heads is None:
+        if positions is not None:
+            keep = torch.zeros(len(rows), a.shape[1], dtype=torch.bool)
+            for i, pos in enumerate(positions):
+                keep[i, list(pos)] = True
+            keep = keep.to(a.device)[..., None]
+            a[rows_t] = torch.where(keep, source[src_rows].to(a.device, a.dtype), a[rows_t])
+        elif heads is None:
             a[rows_t] = source[src_rows].to(a.device, a.dtype)
         else:
             h = torch.tensor(heads)

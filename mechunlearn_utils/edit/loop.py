@@ -225,7 +225,7 @@ def train_loop(params: list[torch.Tensor], loss_fn: Callable[[int], tuple[torch.
                on_nonfinite: Callable[[int, float], Exception] | None = None,
                after_step: Callable[[], None] | None = None, before_step: Callable[[int], None] | None = None,
                postfix: tuple[str, ...] = ("loss",), desc: str = "training", progress: bool = True,
-               model=None) -> list[dict]:
+               model=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Run `steps` optimisation steps of `loss_fn` over `params`; returns one record per step.
 
     `model` (the `LoadedModel` the params belong to): in a model held in bf16, its trained tensors
@@ -235,14 +235,16 @@ def train_loop(params: list[torch.Tensor], loss_fn: Callable[[int], tuple[torch.
     loss raises ``on_nonfinite(step, value)`` (an `EditError` by default) before any update;
     zero_grad, backward, gradient clipping to `grad_clip` (a non-finite norm raises when
     `check_grad`), optimizer step, `schedule` step, ``after_step()`` (a projection, a checkpoint).
-    The record is ``{"step", "loss", **terms}`` with tensors turned into floats."""
+    The record is ``{"step", "loss", **terms}`` with tensors turned into floats; ``on_step(record)``
+    sees each one as it is made (a progress bar of a widget)."""
     with contextlib.nullcontext() if model is None else fp32_masters(model, params):
         return _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, on_nonfinite,
-                      after_step, before_step, postfix, tqdm(range(steps), desc=desc, disable=not progress, leave=False))
+                      after_step, before_step, postfix, tqdm(range(steps), desc=desc, disable=not progress, leave=False),
+                      on_step)
 
 
 def _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, on_nonfinite, after_step,
-           before_step, postfix, bar) -> list[dict]:
+           before_step, postfix, bar, on_step=None) -> list[dict]:
     history = []
     for step in bar:
         if before_step is not None:
@@ -265,6 +267,8 @@ def _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, o
         row = dict(step=step, loss=loss.item(),
                    **{k: v.item() if torch.is_tensor(v) else v for k, v in terms.items()})
         history.append(row)
+        if on_step is not None:
+            on_step(row)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in postfix})
     return history
 

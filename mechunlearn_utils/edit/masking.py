@@ -285,24 +285,29 @@ def plot_mask_sweep(curves: pd.DataFrame, base: dict, gen_fmt: str, threshold: f
 
 
 def mask_widget(model, task, results: dict, formats=("normal", "question")):
-    """Pick a localization and N; evaluate the binarized mask (the base weights are restored)."""
+    """Pick a localization and N; evaluate the binarized mask (the base weights are restored). It
+    opens showing the result of the first localization at the default N. The result is an HTML
+    widget's value, not an Output widget's capture (nbclient's Output handling can stall papermill)."""
+    import html
+
     import ipywidgets as w
-    from IPython.display import display
 
     method = w.Dropdown(options=list(results), description="localization")
     n = w.IntText(value=1000, description="N weights")
-    button, out = w.Button(description="evaluate"), w.Output()
+    button, out = w.Button(description="evaluate"), w.HTML()
 
     def run(_):
-        out.clear_output()
-        with out:
-            try:
-                r = results[method.value]
-                ranked = top_changed(r.scores, n.value)
-                masks = binary_masks(r.scores, ranked, min(n.value, len(ranked)))
-                display(pd.Series(mask_eval(model, task, masks, formats)).round(3).to_frame(f"N={len(ranked)}"))
-            except MaskError as err:
-                print(err)
+        try:
+            r = results[method.value]
+            ranked = top_changed(r.scores, n.value)
+            note = (f"<p>N={n.value} asked: only {len(ranked)} weights changed, all of them zeroed</p>"
+                    if len(ranked) < n.value else "")
+            masks = binary_masks(r.scores, ranked, len(ranked))
+            table = pd.Series(mask_eval(model, task, masks, formats)).round(3).to_frame(f"N={len(ranked)}")
+            out.value = f"<b>{html.escape(method.value)}</b>{note}{table.to_html()}"
+        except MaskError as err:
+            out.value = f"<pre>{html.escape(str(err))}</pre>"
 
     button.on_click(run)
+    run(None)  # the default's result, shown before any click
     return w.VBox([w.HBox([method, n, button]), out])

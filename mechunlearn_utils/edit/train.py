@@ -94,8 +94,9 @@ class EditResult:
 
 
 def train_edit(model, param_names: list[str], task: Task, general_text: list[str],
-               config: EditConfig | None = None, progress: bool = True) -> EditResult:
-    """Fine-tune only `param_names` of `model.hf` on `task`, in place. Returns the loss history.
+               config: EditConfig | None = None, progress: bool = True, on_step=None) -> EditResult:
+    """Fine-tune only `param_names` of `model.hf` on `task`, in place. Returns the loss history
+    (``on_step(record)``: called after every step, see `train_loop`).
 
     Raises `EditError` on a non-finite loss or gradient; the weights keep their last good values.
     """
@@ -129,7 +130,7 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
             list(params.values()), lambda step: edit_terms(model, data, rng, task.mode, cfg),
             opt, cfg.steps, schedule=cosine_schedule(opt, cfg.warmup_steps, cfg.steps), grad_clip=cfg.grad_clip,
             check_grad=True, on_nonfinite=diverged, after_step=checkpoint, postfix=("forget", "maintain", "lm"),
-            desc=task.name, progress=progress, model=model)
+            desc=task.name, progress=progress, model=model, on_step=on_step)
     finally:
         for p in params.values():
             p.requires_grad_(False)

@@ -45,6 +45,29 @@ def plot_patching_heatmaps(arrays: dict, xlabels, title: str = "", vmax: float =
     return fig
 
 
+TRACE_CMAPS = {"resid_pre": "Purples", "mlp_out": "Greens", "attn_out": "Reds"}  # ROME's colours
+
+
+def plot_token_trace(trace, title: str = ""):
+    """ROME's causal-trace figure: per kind, p(right answer) after restoring one (position, layer)
+    of the noised run, positions down (subject tokens starred), layers across (a `TokenTrace`)."""
+    kinds = list(trace.p)
+    labels = [f"{t}*" if i in trace.subject_positions else t for i, t in enumerate(trace.labels)]
+    lo = min(trace.p_noised, *(float(v.min()) for v in trace.p.values()))
+    hi = max(trace.p_clean, *(float(v.max()) for v in trace.p.values()))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 + 0.35 * len(trace.layers) * len(kinds) + 1.5 * len(kinds),
+                                                     0.28 * len(labels) + 1.6), sharey=True)
+    for ax, kind in zip(np.atleast_1d(axes), kinds):
+        sns.heatmap(trace.p[kind], ax=ax, cmap=TRACE_CMAPS.get(kind, "viridis"), vmin=lo, vmax=hi,
+                    xticklabels=trace.layers, yticklabels=labels, cbar_kws={"label": "p(answer)"})
+        ax.set(title=f"restore {kind}", xlabel="layer")
+        ax.tick_params(axis="y", labelsize=7, rotation=0)
+    np.atleast_1d(axes)[0].set_ylabel("restored position (* subject)")
+    fig.suptitle(f"{title}  (clean p {trace.p_clean:.3f}, noised p {trace.p_noised:.3f})")
+    fig.tight_layout()
+    return fig
+
+
 def plot_layer_by_head(matrix, title: str, cbar_label: str, center=None, fmt=".2f"):
     """Heatmap of a [layer x column] table (DLA per head/MLP, attention per head, ...)."""
     data = pd.DataFrame(matrix)
