@@ -25,7 +25,10 @@ from mechunlearn_utils.core.paths import PAPER_DATA_DIR, cache_root
 ENV_VAR = "MECHUNLEARN_PAPER_DATA"
 FETCH_COMMAND = "python -m mechunlearn_utils fetch-paper-data"
 
-_TASKS = "https://raw.githubusercontent.com/magikarp01/tasks/7c1e4a9/facts/data"
+# Each path and sha256 was checked against git snapshots of the two repositories at these commits
+# (`git show <commit>:<path> | sha256sum`, 2026-11-30); the download itself was never run from the
+# development machine (no GitHub access there).
+_TASKS = "https://raw.githubusercontent.com/magikarp01/tasks/7c1e4a9be15eb8e2847d475e9d56759fec80aa5f/facts/data"
 _MU = ("https://raw.githubusercontent.com/magikarp01/mechanistic-unlearning/"
        "efbd355f8f699a353d6744e83a268c62a220156a/experiments/counterfact_manual")
 PAPER_FILES = {
