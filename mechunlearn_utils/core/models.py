@@ -38,6 +38,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,10 +87,13 @@ def offline_mode():
                 os.environ[k] = v
 
 
+_BRIDGE_WRAPPER = re.compile(r"\.?_?original_component")
+
+
 def canonical_name(name: str) -> str:
     """An HF parameter/module name without the TransformerBridge's ``_original_component`` wrappers
     (names seen inside a running bridge; outside one, `.hf` has its own names already)."""
-    return name.replace("._original_component", "")
+    return _BRIDGE_WRAPPER.sub("", name)
 
 
 class BridgeWrappers:

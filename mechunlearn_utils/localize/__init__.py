@@ -29,7 +29,7 @@ from mechunlearn_utils.localize.attribution import _attr, _pearson, _ranks  # no
 from mechunlearn_utils.localize.flu import *  # noqa: F401,F403
 from mechunlearn_utils.localize.flu import _attn_output, _candidate_logits, _mlp_output  # noqa: F401
 from mechunlearn_utils.localize.matching import *  # noqa: F401,F403
-from mechunlearn_utils.localize.matching import _MATRIX, _ORIG, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
+from mechunlearn_utils.localize.matching import _MATRIX, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
 from mechunlearn_utils.localize.report import *  # noqa: F401,F403
 from mechunlearn_utils.localize.report import _finite, _ranges  # noqa: F401
 from mechunlearn_utils.localize import attribution, common, flu, matching, report, tracing  # noqa: F401,E402

@@ -2,8 +2,8 @@
 output-tracing methods.
 
 Every activation is read and written through *sites* (`core.sites.Site`, `core.sites.run_sites`):
-the same code runs on TransformerLens hooks, nnsight or plain PyTorch hooks (``backend=``; the
-bridge renames HF parameters when built, see `canonical_name`). Note the MLP's output is the site
+the same code runs on TransformerLens hooks, nnsight or plain PyTorch hooks (``backend=``; inside a
+running bridge HF names carry ``_original_component``: `core.models.canonical_name` drops it). Note the MLP's output is the site
 ``mlp_out_prenorm`` (before Gemma's post-feedforward norm), as in the paper's AP (``mlp_out`` is
 TransformerLens' ``hook_mlp_out``, after that norm).
 """

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mechunlearn_utils.core.models import canonical_name  # noqa: F401 (re-exported by localize)
 from mechunlearn_utils.localize.common import LOCALIZATIONS_DIR, LocalizationError, PassCounter, TracingResult
 from mechunlearn_utils.localize.flu import FLUResult
 
@@ -42,13 +43,7 @@ METHODS = ("flu", "ct", "ap", "ct_mlp", "ap_mlp", "random", "random_mlps", "all_
 VARIANTS = ("flu_pp", "ap_abs", "ct_abs", "ct_few")
 
 
-_ORIG = re.compile(r"\.?_?original_component")
 _MATRIX = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
-
-
-def canonical_name(name: str) -> str:
-    """HF parameter name without the TransformerBridge's ``_original_component`` wrappers."""
-    return _ORIG.sub("", name)
 
 
 def named_parameters(model) -> dict:
