@@ -91,11 +91,11 @@ print(f"{MODEL}: {model.n_layers} layers, d_model {model.d_model}, {model.n_head
 prompt = "Fact: Tiger Woods plays the sport of golf\nFact: Michael Jordan plays the sport of"
 ids = torch.tensor([model.encode(prompt)], device=model.device)
 with torch.no_grad():
-    hf_logits = model.hf(ids).logits[0, -1]
-    tl_logits = model.tl(ids)[0, -1]
+    hf_logits = model.hf(ids).logits[0, -1].float()  # float: bf16 models (DTYPE) print and compare in fp32
+    tl_logits = model.tl(ids)[0, -1].float()
 with model.nn.trace(ids):
     nn_logits = model.nn.lm_head.output.save()
-nn_logits = nn_logits[0, -1]
+nn_logits = nn_logits[0, -1].float()
 lens_gap = max((hf_logits - tl_logits).abs().max().item(), (hf_logits - nn_logits).abs().max().item())
 metrics["lens_max_logit_gap"] = lens_gap
 print(f"largest logit difference between lenses: {lens_gap:.2e}")

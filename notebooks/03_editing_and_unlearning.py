@@ -321,7 +321,8 @@ print("base weights bit-identical after every edit:", True)
 # %% [markdown]
 # ## 8 · Metrics
 # `RESULTS_DIR/03_editing_and_unlearning/metrics.json` keys: `<task>.<method>.<measure>` for every
-# cell of the tables above (measures as in `evals.evaluate_task`, plus `train.*` timings), the
+# cell of the tables above (measures as in `evaluate.suite.evaluate_task`, plus `train.*` timings;
+# CounterFact also as the paper scores it, `*.p_raw_true`: the raw probability of the true object), the
 # unedited model as method `base`, `<task>.<method>.lr` / `.forget_coef` (the settings used), and
 # `sweep.<task>.<method>.lr` / `.forget_coef` / `.forget_p_true` / `.maintain_p_true`: lists, one
 # entry per setting tried, best first; `weights_restored` (every base weight bit-identical at the end).

@@ -18,22 +18,25 @@
 #
 # An edit can make the model *say* "Michael Jordan plays golf" while the residual stream still
 # carries "basketball" in the middle layers, only rerouted before the output. The paper tests this
-# with **linear probes** (its Figure 4):
+# with **linear probes** (its Figure 4), and so do we, in two ways:
 #
-# 1. On the **base** model, train one logistic-regression probe per layer to read an athlete's
-#    sport from the residual stream, on athletes no edit touched (maintain athletes).
-# 2. Apply those probes, unchanged, to the residual stream of every **edited** model (notebook 03)
-#    on the edited athletes, and score them against the **true** sport and the **injected** one.
+# 1. **The paper's protocol** (the main reading): for each **edited** model, train one
+#    logistic-regression probe per layer on *that model's* residual stream of the athletes the
+#    edit did not forget (its maintain athletes), at the final token, and test it on the forgotten
+#    athletes against their **true** and their **injected** sport. Two controls: the same probes
+#    trained on shuffled labels (what reads by chance) and their cross-validated accuracy on the
+#    maintain athletes (the probe works on that model at all).
+# 2. **Base-model probes** (the workbook's first reading, next to it): probes trained once on the
+#    **base** model, applied unchanged to every edited model, at the last subject token (where the
+#    fact-lookup MLPs write the attribute) and at the final token.
 #
 # If the true sport stays decodable in the middle layers, the knowledge is latent (the paper finds
 # this after AP edits: 1.00 at the middle layer); if the probe reads the injected sport, the edit
 # changed the representation itself (after FLU edits: 0.87 injected, 0.03 true at the middle layer).
 #
-# We probe two positions: the **last subject token** (where the fact-lookup MLPs write the
-# attribute) and the **final token** (where the extraction stage moves it for the answer).
-#
 # **You will learn** to
 # * train one linear probe per layer and read its held-out accuracy across layers (exercise);
+# * probe each edited model as the paper does, with a chance control and a maintain control;
 # * apply probes trained on the base model to edited models, against the true and the new answer;
 # * tell an edit that rewrote the representation from one that only rerouted the output.
 #
@@ -63,8 +66,8 @@ import pandas as pd
 
 from mechunlearn_utils import load_model
 from mechunlearn_utils.edit.storage import edit_paths, task_from_edit
-from mechunlearn_utils.evaluate.latent import (flat_metrics, latent_curves, plot_latent_curves, probe_table, probe_widget,
-                                               summary)
+from mechunlearn_utils.evaluate.latent import (flat_metrics, latent_curves, paper_latent_verdict, plot_latent_curves,
+                                               probe_table, probe_widget, summary)
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.workbook.results import save_figure, write_metrics
 
@@ -92,7 +95,7 @@ for name, task in tasks.items():
 # %% [markdown]
 # Who is probed, and who trains the probes. The probed athletes are each task's evaluation forget
 # set (for `sport_to_golf`, the held-out half the edit never trained on). The probes train on every
-# *other* known athlete, on the base model. For `sport_to_golf` every athlete of the forgotten sport
+# *other* known athlete: on each edited model (the paper's protocol) and on the base model (ours). For `sport_to_golf` every athlete of the forgotten sport
 # is "forget", so the probe learns that sport from the trained half; and since no athlete in the
 # data plays golf, a 3-way probe cannot read "golf": that task has true-label curves only.
 
@@ -147,10 +150,11 @@ check_probe_curve(my_probe_curve, model, athletes, n=24 if SMOKE else 48, seed=S
 # chance, and where near perfect? (Notebook 01's logit lens is a hint.)
 
 # %% [markdown]
-# ## 2 · Probes on the base model, applied to every edited model
+# ## 2 · Probes on every edited model (the paper's) and on the base model (ours)
 # One batched forward per batch of prompts gives the residual stream after every block at both
-# positions (`output_hidden_states`; the activations of the base model are read once). Every edit
-# is checked to change the probed residual stream, and the base weights to come back bit for bit.
+# positions (the activations of the base model are read once). Per edited model we read its
+# residuals of the training athletes (for its own probes) and of the probed ones. Every edit is
+# checked to change the probed residual stream, and the base weights to come back bit for bit.
 
 # %%
 results = {name: latent_curves(model, task, athletes, paths[name], C=PROBE_C, seed=SEED,
@@ -163,13 +167,25 @@ for name, res in results.items():
 
 # %% [markdown]
 # ## 3 · The paper's Figure 4: probe accuracy by layer, one line per method
-# Columns: accuracy against the **true** sport and against the **injected** one. Rows: the last
-# subject token and the final token. `base` is the unedited model on the same athletes (the probe's
-# own held-out accuracy). The dotted line is chance (1/3).
+# First the paper's protocol at the final token. Columns: accuracy against the **true** sport and
+# against the **injected** one on the forgotten athletes, then the two controls (probes fit on
+# shuffled labels, scored against the true sport: chance on these athletes; and the probes'
+# 5-fold accuracy on the model's own maintain athletes). `base` is the unedited model. The dotted
+# line is chance (1/3).
 
 # %%
 for name, res in results.items():
-    fig = plot_latent_curves(res.curves, title=f"{MODEL}: {name}", chance=1 / 3)
+    fig = plot_latent_curves(res.curves, title=f"{MODEL}: {name} (the paper's probes, one per model)",
+                             chance=1 / 3, protocol="paper", positions=("final",))
+    save_figure(fig, RESULTS_DIR, STEM, f"paper_probe_curves_{name}")
+
+# %% [markdown]
+# Next to it, the base-model probes at both positions (rows: the final token and the last
+# subject token), applied unchanged to every edited model.
+
+# %%
+for name, res in results.items():
+    fig = plot_latent_curves(res.curves, title=f"{MODEL}: {name} (base-model probes)", chance=1 / 3)
     save_figure(fig, RESULTS_DIR, STEM, f"probe_curves_{name}")
 
 # %% [markdown]
@@ -178,27 +194,36 @@ for name, res in results.items():
 
 # %%
 mid = model.n_layers // 2
-table = pd.concat({name: summary(res.curves, model.n_layers) for name, res in results.items()}, names=["task"])
+table = pd.concat({name: summary(res.curves, model.n_layers, protocol=None) for name, res in results.items()},
+                  names=["task"])
 print(f"middle layer = {mid} of 0..{model.n_layers - 1}")
 table.round(2).unstack("label")
 
 # %% [markdown]
 # ## 4 · What it shows
-# We print, for every task and method, how much of the true and the injected sport a base-model
-# probe reads at the middle layer at the subject position, next to the paper's numbers
-# (Gemma-7B class models: FLU edits 0.87 injected / 0.03 true; AP edits 1.00 true).
+# We print, for every task and method, how much of the true and the injected sport the probes read
+# at the middle layer: the paper's probes at the final token, the base-model probes at the subject
+# token, next to the paper's numbers (Gemma-7B class models: FLU edits 0.87 injected / 0.03 true;
+# AP edits 1.00 true). Then the latent claim with its uncertainty: a paired bootstrap over the
+# probed athletes of (rival - FLU) true-sport hits of the paper's probes (> 0: FLU leaves less).
 
 # %%
-def finding(name, method, pos="subject"):
-    s = table.loc[name]
+def finding(name, method, protocol, pos):
+    s = table.loc[(name, protocol)]
     true = s.loc[(method, pos, "true"), "mid"]
     edit = s.loc[(method, pos, "edit"), "mid"] if (method, pos, "edit") in s.index else float("nan")
-    return f"[{name}] {method:>12}: true {true:.2f}, injected {edit:.2f} (mid layer, {pos} token)"
+    extra = (f", shuffled-label control {s.loc[(method, pos, 'shuffled'), 'mid']:.2f}, maintain CV "
+             f"{s.loc[(method, pos, 'maintain_cv'), 'mid']:.2f}") if protocol == "paper" else ""
+    return f"[{name}] {method:>12} {protocol:>5} probes, {pos:>7} token: true {true:.2f}, injected {edit:.2f}{extra}"
 
 
 for name, res in results.items():
     for method in res.features:
-        print(finding(name, method))
+        print(finding(name, method, "paper", "final"))
+        print(finding(name, method, "ours", "subject"))
+    verdict, cis = paper_latent_verdict(res)
+    print(f"[{name}] latent claim, the paper's probes: {verdict}; "
+          + ", ".join(f"{r} - flu [{lo:+.2f}, {hi:+.2f}]" for r, (lo, hi) in cis.items()))
 
 # %% [markdown]
 # *Predict:* after an FLU edit (early MLPs), will the probe at the subject token read the true
@@ -233,9 +258,14 @@ probe_widget(results)
 # `RESULTS_DIR/04_probing_latent_knowledge/metrics.json` keys, for each `<task>` and `<method>`
 # (every edited model, plus `base`, the unedited model), `<pos>` in `final` / `subject`:
 #
-# * `<task>.<method>.<pos>.true_acc_by_layer` / `.edit_acc_by_layer`: probe accuracy per layer
-#   (list of n_layers) against the true / the injected sport (`edit_*` absent for sport_to_golf:
-#   the probes cannot output golf);
+# * `<task>.<method>.<pos>.true_acc_by_layer` / `.edit_acc_by_layer`: base-model probe accuracy per
+#   layer (list of n_layers) against the true / the injected sport (`edit_*` absent for
+#   sport_to_golf: the probes cannot output golf);
+# * `<task>.<method>.paper.<pos>.<label>_acc_by_layer` (and `.mid` / `.back_half` / `.max`), label in
+#   true / edit / shuffled / maintain_cv: the paper's protocol (probes fit on that model's maintain
+#   athletes) and its two controls; `<task>.<method>.paper.final.true_correct_mid`: per probed
+#   athlete, 1 where the middle-layer probe reads the true sport; `verdict_ci.latent_paper.<task>`
+#   and `<task>.latent_paper.ci.<rival>_minus_flu_low/high`: the latent claim from those hits;
 # * `<task>.<method>.<pos>.true_acc.mid` / `.back_half` / `.max` (and `edit_acc.*`): the middle
 #   layer (n_layers // 2), the mean over layers >= the middle, the best layer;
 # * `<task>.<method>.resid_change_by_layer` / `.resid_change`: relative change of the final-token

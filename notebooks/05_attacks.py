@@ -57,6 +57,7 @@ SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
 TASKS = ["athletes_to_sport"]  # sports tasks notebook 03 edited (sport_to_golf, unlearn_sport also work)
+RELEARN_TASKS = ["athletes_to_sport", "sport_to_golf"]  # relearning on both, as the paper; other attacks: TASKS
 PROTOCOL = "scaled"  # "scaled": the sizes below (CPU budget); "paper": the paper's relearning and soft prompt
 PAPER_SOFT_PROMPT = False  # True: also run the paper's soft-prompt adversary under the scaled protocol
 PAPER_SP_STEPS = 128  # the paper's adversary: AdamW lr 1e-5, 15 vectors, norm <= 6 ...
@@ -107,9 +108,8 @@ if SMOKE:
     METHODS, RELEARN_STEPS, FULL_STEPS, EARLY_STEPS, SOFT_PROMPT_STEPS, RESTARTS = [], 1, 1, 1, 3, 1
     QUANT, LANG_BASE_PER_SPORT = ["int8", "int4"], 4
     PAPER_SP_STEPS, PAPER_SP_RUNS = 2, 1
+    RELEARN_TASKS = TASKS  # notebook 03's smoke run edits one task
 assert PROTOCOL in ("scaled", "paper"), f"PROTOCOL must be 'scaled' or 'paper', got {PROTOCOL!r}"
-if PROTOCOL == "paper" and not SMOKE and "sport_to_golf" not in TASKS:
-    TASKS = [*TASKS, "sport_to_golf"]  # the paper relearns on both sports tasks (notebook 03 edits both)
 
 # %% [markdown]
 # ## 1 · The model and the edited models of notebook 03
@@ -122,10 +122,11 @@ model = load_model(MODEL, DEVICE, dtype=DTYPE)
 digests = weight_digests(model)  # every base weight, checked bit for bit after all the attacks
 athletes = known_athletes(RESULTS_DIR)
 edits = A.find_edits(RESULTS_DIR, TASKS, METHODS)
-tasks = {t: make_task(t, athletes=athletes, **A.task_kwargs(A.edit_info(RESULTS_DIR, t, m))) for t, m in edits}
+relearn_edits = A.find_edits(RESULTS_DIR, list(dict.fromkeys([*TASKS, *RELEARN_TASKS])), METHODS)
+tasks = {t: make_task(t, athletes=athletes, **A.task_kwargs(A.edit_info(RESULTS_DIR, t, m))) for t, m in relearn_edits}
 train_text = load_general_text()[:64]
 print({t: task.describe() for t, task in tasks.items()})
-print("edited models:", sorted(edits))
+print("edited models:", sorted(edits), "| relearning also on:", sorted(set(relearn_edits) - set(edits)))
 
 # %% [markdown]
 # Each task's forget athletes are split in two halves (fixed by `SEED`): relearning and the soft
@@ -147,7 +148,7 @@ def after_edit(t, m):
     return {"forget": p.mean(), "heldout": p[halves[t][1].athlete].mean()}
 
 
-start_rows = A.over_edits(model, edits, after_edit, include_base=True, desc="edited models")
+start_rows = A.over_edits(model, relearn_edits, after_edit, include_base=True, desc="edited models")
 table = lambda rows: pd.DataFrame(rows).T.rename_axis(["task", "method"])  # noqa: E731
 start_table = table(start_rows)
 start_table.round(3)
@@ -174,7 +175,9 @@ pd.DataFrame(lang_base).T.round(3)
 # ## 4 · Relearning
 # Fine-tune each edited model on the true sports of the attack-train half (+ maintain athletes
 # + general text, as in the paper) and score the held-out half at step 0, the middle and the
-# end. **LoRA** (peft) on every linear layer of the decoder (rank `LORA_RANK`: the paper's 512
+# end, on both sports tasks (`RELEARN_TASKS`, as the paper): in `athletes_to_sport` each held-out
+# athlete was moved to its own other sport, in `sport_to_golf` all of them share one sport, so
+# relearning the trained half teaches the held-out half's answer directly. **LoRA** (peft) on every linear layer of the decoder (rank `LORA_RANK`: the paper's 512
 # would be nearly full rank on this 640-wide model) and **full** fine-tuning of every decoder
 # weight; the adapter is removed and the weights restored exactly after each run. The paper's
 # earlier variant trains on only **2** athletes for `EARLY_STEPS` steps.
@@ -203,7 +206,7 @@ def relearn_with(cfg):
 # %%
 t0 = time.perf_counter()
 relearned = {(t, m, v): r for v, cfg in variants.items()
-             for (t, m), r in A.over_edits(model, edits, relearn_with(cfg), desc=v).items()}
+             for (t, m), r in A.over_edits(model, relearn_edits, relearn_with(cfg), desc=v).items()}
 seconds["relearn"] = time.perf_counter() - t0
 curves = A.relearn_curve_frame(relearned)
 curves.pivot_table(index=["task", "method"], columns=["variant", "step"], values="forget_p_true").round(3)

@@ -126,11 +126,13 @@ pd.DataFrame(verdicts[-2 * ours.task.nunique():])
 # measured*. Lower is better for all three measures:
 # * relearning: held-out forget p(true) after LoRA relearning on the other half (the last step);
 # * soft prompt: held-out forget p(true) with a soft prompt trained on the other half;
-# * latent: accuracy of a probe for the **true** sport at the middle layer on the edited
-#   athletes; the paper: FLU 0.03, AP 1.00 (the old fact still readable inside). The position is
-#   the one (final or last subject token) where the probe reads the fact best in the **base**
-#   model: on a small model the sport reaches the final token only at the extraction layer,
-#   after the middle, so there the middle layer holds it at the subject token.
+# * latent_paper: the paper's protocol (its Figure 4): accuracy for the **true** sport at the middle
+#   layer, final token, of probes trained on each *edited* model's own maintain athletes and tested
+#   on its forgotten athletes; the paper: FLU 0.03, AP 1.00 (the old fact still readable inside).
+# * latent: the workbook's first reading, probes trained on the **base** model, at the position
+#   (final or last subject token) where they read the fact best in the base model: on a small model
+#   the sport reaches the final token only at the extraction layer, after the middle, so there the
+#   middle layer holds it at the subject token.
 
 # %%
 def optional_metrics(stem):
@@ -146,7 +148,10 @@ LATENT_POS = latent_position(probes)
 print(f"latent claim read at the {LATENT_POS} token")
 CLAIMS_2_3 = (("relearning", "2 resists relearning (LoRA)", attacks, "relearn20.normal.p_true"),
               ("soft_prompt", "2 resists a soft-prompt attack", attacks, "soft_prompt.forget_p_true"),
-              ("latent", "3 changes the mid-layer representation", probes, f"{LATENT_POS}.true_acc.mid"))
+              ("latent_paper", "3 changes the mid-layer representation (paper's probes)", probes,
+               "paper.final.true_acc.mid"),
+              ("latent", "3 changes the mid-layer representation (base-model probes)", probes,
+               f"{LATENT_POS}.true_acc.mid"))
 for cid, claim, source, measure in CLAIMS_2_3:
     frame = metrics_long(source)
     found = [t for t in sorted(frame.task.unique()) if values(t, measure, frame)]
@@ -159,13 +164,13 @@ for cid, claim, source, measure in CLAIMS_2_3:
 pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 
 # %% [markdown]
-# **Intervals.** Where a claim's input keeps one value per fact (today: notebook 05's held-out
-# athletes after LoRA relearning), notebook 05 computed a paired bootstrap 95% interval of
-# (rival - FLU) and a second verdict from it: *reproduced* only when every interval lies above 0
+# **Intervals.** Where a claim's input keeps one value per fact (notebook 05's held-out athletes
+# after LoRA relearning; notebook 04's per-athlete hits of the paper's probes), that notebook
+# computed a paired bootstrap 95% interval of (rival - FLU) and a second verdict from it: *reproduced* only when every interval lies above 0
 # (FLU holds better), *not reproduced* when every one lies below, *inconclusive* when one covers 0.
 
 # %%
-with_ci = attach_cis(verdicts, attacks)
+with_ci = attach_cis(verdicts, {**attacks, **probes})
 without = sorted({v["id"] for v in verdicts} - set(with_ci))
 print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of {without}, so no interval there")
 
@@ -254,7 +259,7 @@ verdict_table
 # %% [markdown]
 # ## 7 · Metrics
 # `RESULTS_DIR/07_results/metrics.json`: `verdict.<claim id>.<task>` (the verdict string; ids
-# generalizes, relearning, soft_prompt, latent, side_effects_lm, side_effects_maintain),
+# generalizes, relearning, soft_prompt, latent_paper, latent, side_effects_lm, side_effects_maintain),
 # `verdict_ci.<claim id>.<task>` (the verdict from the bootstrap intervals, where the inputs have them),
 # `n_compared` (cells compared with the paper), `mcq_usable`, `smoke`.
 

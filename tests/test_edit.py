@@ -114,6 +114,28 @@ def test_evaluate_task_reports_every_measure(tiny, athletes):
     assert set(task.eval_forget.athlete).isdisjoint(task.train_forget.athlete)
 
 
+def test_counterfact_is_scored_raw_as_the_paper_and_normalized(tiny):
+    """The paper scores CounterFact by the raw first-token p of the object; ours renormalizes over the
+    candidates. Raw is the full-vocabulary probability, so it can never exceed the normalized one."""
+    import numpy as np
+
+    from mechunlearn_utils.data.datasets import load_counterfact
+    from mechunlearn_utils.data.prompts import counterfact_prompts
+    from mechunlearn_utils.evaluate.suite import candidate_logprobs
+
+    facts = load_counterfact()
+    task = make_task("counterfact", facts=facts.head(60), n=6, n_maintain=6)
+    out = evaluate_task(tiny, task)
+    for split in ("forget", "maintain"):
+        for fmt in ("prompt", "paraphrase", "mcq"):
+            raw, norm = out[f"{split}.{fmt}.p_raw_true"], out[f"{split}.{fmt}.p_true"]
+            assert 0 < raw <= norm + 1e-7, (split, fmt)
+    pset = counterfact_prompts(task.eval_forget, "prompt", "target_true")
+    lps = candidate_logprobs(tiny, pset)
+    expect = np.mean([np.exp(lp[c]) for lp, c in zip(lps, pset.correct)])
+    assert out["forget.prompt.p_raw_true"] == pytest.approx(expect, rel=1e-6)
+
+
 def test_unrelated_facts_exclude_everything_the_task_touches():
     from mechunlearn_utils.data.datasets import load_counterfact
     from mechunlearn_utils.data.tasks import unrelated_facts

@@ -103,6 +103,9 @@ def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_pat
     assert t.loc["01_x", "max_abs_diff"] == pytest.approx(0.05) and t.loc["01_x", "worst_key"] == "curve"
     assert t.loc["01_x", "n_compared"] == 2 and t.loc["01_x", "mismatched"] == []
     assert t.loc["02_y", "max_abs_diff"] == 0 and set(t.loc["02_y", "mismatched"]) == {"only_a", "model"}
+    assert "over_tol" not in t
+    t = compare_runs(tmp_path / "a", tmp_path / "b", tol=0.01).set_index("stem")
+    assert t.loc["01_x", "over_tol"] == ["curve"] and t.loc["01_x", "n_over_tol"] == 1 and t.loc["02_y", "n_over_tol"] == 0
 
 
 def test_latent_position_is_where_the_base_probe_reads_best():

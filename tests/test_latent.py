@@ -124,8 +124,20 @@ def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir, capsy
     res = latent_curves(tiny, task, athletes, edit_paths(results_dir, task.name), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in snapshot(tiny, names).items())
     assert res.weights_restored and 0 <= res.restore_rel_diff <= EVAL_ATOL
-    assert set(res.curves.method) == {"base", "flu", "ap"} and set(res.curves.label) == {"true", "edit"}
-    assert len(res.curves) == 3 * 2 * 2 * tiny.n_layers and res.curves.acc.between(0, 1).all()
+    assert set(res.curves.method) == {"base", "flu", "ap"} and set(res.curves.protocol) == {"paper", "ours"}
+    ours, paper = res.curves[res.curves.protocol == "ours"], res.curves[res.curves.protocol == "paper"]
+    assert set(ours.label) == {"true", "edit"} and set(paper.label) == {"true", "edit", "shuffled", "maintain_cv"}
+    assert len(ours) == 3 * 2 * 2 * tiny.n_layers and len(paper) == 3 * 2 * 4 * tiny.n_layers
+    assert res.curves.acc.between(0, 1).all()
+    # on the base model both protocols train on the same residuals: the same probes, the same curves
+    both = res.curves[(res.curves.method == "base") & res.curves.label.isin(["true", "edit"])]
+    a, b = (both[both.protocol == p].sort_values(["position", "label", "layer"]).acc.to_numpy() for p in ("ours", "paper"))
+    np.testing.assert_array_equal(a, b)
+    assert set(res.paper_correct) == {"base", "flu", "ap"}
+    mid = tiny.n_layers // 2
+    for m, hits in res.paper_correct.items():  # the per-athlete hits average to the curve's mid-layer value
+        row = paper[(paper.method == m) & (paper.position == "final") & (paper.label == "true") & (paper.layer == mid)]
+        assert len(hits) == len(task.eval_forget) and np.mean(hits) == pytest.approx(row.acc.item())
     assert all(v[-1] > 0.01 for v in res.change.values())  # the perturbed matrix moved the residual stream
     # an edit moves the residual from its first edited layer on, never below it
     assert res.first_layer == {"flu": 0, "ap": 1}
@@ -138,11 +150,20 @@ def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir, capsy
     m = flat_metrics(res, tiny.n_layers)
     assert len(m["athletes_to_sport.flu.final.true_acc_by_layer"]) == tiny.n_layers
     assert 0 <= m["athletes_to_sport.ap.subject.edit_acc.mid"] <= 1
+    assert len(m["athletes_to_sport.flu.paper.final.maintain_cv_acc_by_layer"]) == tiny.n_layers
+    assert m["athletes_to_sport.flu.paper.final.true_acc.mid"] == pytest.approx(np.mean(m["athletes_to_sport.flu.paper.final.true_correct_mid"]))
+    assert "athletes_to_sport.flu.paper.subject.shuffled_acc.max" in m
     assert m["athletes_to_sport.methods"] == ["ap", "flu"]  # sorted by file name
     s = summary(res.curves, tiny.n_layers)
     assert s.loc[("base", "final", "true"), "max"] >= s.loc[("base", "final", "true"), "mid"]
     fig = plot_latent_curves(res.curves, "tiny", chance=1 / 3)
     assert len(fig.axes) == 4
+    fig = plot_latent_curves(res.curves, "tiny", chance=1 / 3, protocol="paper", positions=("final",))
+    assert [ax.get_title() for ax in fig.axes] == ["position = final | label = " + t for t in (
+        "true label", "injected label", "control: shuffled labels", "control: maintain athletes (CV)")]
+    assert all(len(ax.get_lines()) >= 3 for ax in fig.axes)  # one line per model at least
+    with pytest.raises(ValueError, match="no probe curves"):
+        plot_latent_curves(res.curves, protocol="paper", positions=("nowhere",))
     table = probe_table(res, "flu", "subject", 1)
     assert list(table.columns) == ["athlete", "sport", "target", "probe_reads", "confidence"]
     assert set(table.probe_reads) <= {"basketball", "baseball", "football"}
@@ -168,3 +189,23 @@ def test_an_edit_that_changes_nothing_is_an_error(tiny, athletes, task, tmp_path
         latent_curves(tiny, task, athletes, edit_paths(tmp_path, task.name), progress=False)
     meta = json.loads((tmp_path / EDITS_STEM / "edits" / task.name / "flu.json").read_text())
     assert meta["task_meta"] == task.meta
+
+
+def test_paper_protocol_probes_fit_on_the_model_they_test_with_two_controls():
+    """The paper's protocol on synthetic residuals: a separable layer reads the labels, the probe fit on
+    shuffled labels does not (the chance control), the maintain CV control sees the same separability."""
+    from mechunlearn_utils.evaluate.latent import paper_probe_curves
+
+    rng = np.random.default_rng(1)
+    labels = np.array(["a", "b", "c"] * 20)
+    centers = {"a": 0, "b": 6, "c": 12}
+
+    def feats(y):  # layer 0 carries nothing, layer 1 the label
+        return {"final": np.stack([np.stack([rng.normal(centers[v] * l, 1, 8) for v in y]) for l in range(2)])}
+
+    test = np.array(["a", "b", "c"] * 10)
+    curves, probes = paper_probe_curves(feats(labels), labels, feats(test), test, ["b"] * 30, seed=0)
+    c = curves["final"]
+    assert set(c) == {"true", "edit", "shuffled", "maintain_cv"} and len(probes["final"]) == 2
+    assert c["true"][1] == 1.0 and c["maintain_cv"][1] == 1.0 and c["edit"][1] == pytest.approx(1 / 3)
+    assert c["shuffled"][1] < 0.7 and c["maintain_cv"][0] < 0.7  # shuffled labels, no signal: near chance

@@ -65,3 +65,26 @@ def test_flu_edit_rewrites_the_subject_representation(m):
     flu, base = m[f"{t}.flu.subject.true_acc.back_half"], m[f"{t}.base.subject.true_acc.back_half"]
     assert flu < base, f"after the FLU edit the true sport stays as decodable ({flu:.2f} vs base {base:.2f})"
     assert m[f"{t}.flu.subject.edit_acc.back_half"] > m[f"{t}.base.subject.edit_acc.back_half"]
+
+
+def test_paper_protocol_probes_and_their_controls(m):
+    """The paper's probes (fit on each edited model's maintain athletes, final token) with both controls."""
+    L = m["n_layers"]
+    for t in m["tasks"]:
+        base_cv = _curve(m, t, "base", "paper.final", "maintain_cv")
+        assert len(base_cv) == L and base_cv.max() >= 0.75  # the probe reads sports on the model it was fit on
+        for meth in ["base", *m[f"{t}.methods"]]:
+            curves = {lab: _curve(m, t, meth, "paper.final", lab) for lab in ("true", "shuffled", "maintain_cv")}
+            assert all(len(c) == L and ((0 <= c) & (c <= 1)).all() for c in curves.values())
+            # shuffled labels carry no sport: over the back half they read less than the real maintain probe
+            assert curves["shuffled"][L // 2:].mean() < curves["maintain_cv"][L // 2:].mean(), meth
+            hits = m[f"{t}.{meth}.paper.final.true_correct_mid"]
+            assert len(hits) == m[f"{t}.n_probed"] and set(hits) <= {0.0, 1.0}
+            assert np.mean(hits) == pytest.approx(m[f"{t}.{meth}.paper.final.true_acc.mid"])
+        for meth in m[f"{t}.methods"]:  # same weights below the edit: the same residuals, the same probes
+            first = m[f"{t}.{meth}.first_edited_layer"]
+            for lab in ("true", "shuffled", "maintain_cv"):
+                assert (_curve(m, t, meth, "paper.final", lab)[:first] == _curve(m, t, "base", "paper.final", lab)[:first]).all()
+        lo, hi = m[f"{t}.latent_paper.ci.ap_minus_flu_low"], m[f"{t}.latent_paper.ci.ap_minus_flu_high"]
+        assert -1 <= lo <= hi <= 1 and m[f"verdict_ci.latent_paper.{t}"] in {
+            "reproduced", "not reproduced", "mixed", "inconclusive"}

@@ -26,6 +26,7 @@ def test_verdicts_match_the_numbers(smoke_metrics):
     ("relearning", "05_attacks", "relearn20.normal.p_true"),
     ("soft_prompt", "05_attacks", "soft_prompt.forget_p_true"),
     ("latent", "04_probing_latent_knowledge", "{pos}.true_acc.mid"),
+    ("latent_paper", "04_probing_latent_knowledge", "paper.final.true_acc.mid"),
 ])
 def test_attack_and_probe_verdicts_match_their_notebooks(smoke_metrics, claim, stem, measure):
     source = smoke_metrics(stem)  # run before 07 reads it
@@ -33,6 +34,12 @@ def test_attack_and_probe_verdicts_match_their_notebooks(smoke_metrics, claim, s
     measure = measure.format(pos=m["latent_position"])
     task = "athletes_to_sport"
     values = {k.split(".")[1]: v for k, v in source.items()
-              if k.startswith(task + ".") and k.endswith("." + measure) and ".base." not in k}
+              if k.startswith(task + ".") and k.split(".", 2)[2:] == [measure] and ".base." not in k}
     assert values, f"{stem} wrote no {measure}"
     assert m[f"verdict.{claim}.{task}"] == claim_verdict(values)[0]
+
+
+def test_the_paper_probe_verdict_carries_notebook_04_interval(smoke_metrics):
+    probes, m = smoke_metrics("04_probing_latent_knowledge"), smoke_metrics("07_results")
+    key = "verdict_ci.latent_paper.athletes_to_sport"
+    assert probes[key] in VERDICTS | {"inconclusive"} and m[key] == probes[key]

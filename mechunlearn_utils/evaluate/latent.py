@@ -1,10 +1,18 @@
 """Notebook 04: is the old fact still *in* the edited model? Linear probes on the residual stream.
 
-The paper's test (Guo et al. 2024, Figure 4): train per-layer logistic-regression probes to read an
-athlete's sport from the **base** model's residual stream (on athletes no edit touched), then apply
-them, unchanged, to the residual stream of each **edited** model on the edited athletes. If the probe
-still reads the true sport in the middle layers, the edit only rerouted the output (the knowledge is
-latent); if it reads the injected sport, the representation itself changed.
+Two protocols, both per layer (logistic regression, `probes.fit_probes`), both scored on the edited
+athletes against their **true** and their **injected** sport:
+
+* ``"paper"`` (Guo et al. 2024, Figure 4; the default reading): for each **edited** model, probes are
+  trained on *that model's* residual stream of the athletes the edit did not forget (its maintain
+  athletes), at the final token, and tested on the forgotten athletes. Two controls come with it:
+  the same probes trained on shuffled labels (what a probe reads by chance), and the probes'
+  cross-validated accuracy on the edited model's maintain athletes (the probe works on that model).
+* ``"ours"`` (the workbook's first reading, kept beside it): probes trained once on the **base**
+  model, applied unchanged to every edited model, at the last subject token and the final token.
+
+If a probe still reads the true sport in the middle layers, the edit only rerouted the output (the
+knowledge is latent); if it reads the injected sport, the representation itself changed.
 
 * `athlete_residuals`   residual stream after every block (`probes.residuals_at`) of athletes'
                         training-format prompts, at the final token and the last subject token
@@ -13,6 +21,8 @@ latent); if it reads the injected sport, the representation itself changed.
                         accuracy against the true and the injected label
 * (the edits notebook 03 saved, and the task they were made on: `edit.storage.edit_paths`,
   `edit.storage.task_from_edit`)
+* `paper_probe_curves`  the paper's protocol on one model: probes fit on its maintain athletes,
+                        scored on the probed ones, with the shuffled-label and maintain controls
 * `latent_curves`       everything above for every saved edit of a task, as one long table
 * `plot_latent_curves`, `probe_table`, `probe_widget`  the figure, the per-athlete view and its widget
 
@@ -36,6 +46,11 @@ from mechunlearn_utils.evaluate.probes import fit_probes, residuals_at
 
 STEM = STEMS["latent"]
 POSITIONS = ("final", "subject")
+PROTOCOLS = ("paper", "ours")
+# Labels of a probe curve: scored against the true / the injected sport on the probed athletes; the
+# paper protocol's two controls (probes fit on shuffled labels, scored against the true sport; the
+# probes' 5-fold cross-validated accuracy on the edited model's own maintain athletes).
+LABELS = ("true", "edit", "shuffled", "maintain_cv")
 PROBE_TASKS = ("athletes_to_sport", "sport_to_golf")
 
 
@@ -107,19 +122,48 @@ def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edi
     return out
 
 
+def paper_probe_curves(train_features: dict[str, np.ndarray], train_labels, probed_features: dict[str, np.ndarray],
+                       true_labels, edit_labels=None, C: float = 0.1, seed: int = 0, folds: int = 5
+                       ) -> tuple[dict, dict]:
+    """The paper's protocol on one (edited) model: per-layer probes fit on `train_features` (that
+    model's maintain athletes), scored on `probed_features` (its forgotten athletes).
+
+    -> ({position: {"true", "edit" (None if a label is unknown to the probes), "shuffled",
+    "maintain_cv": acc[layer]}}, the fitted probes {position: [layer]}). "shuffled": probes fit on a fixed permutation of the training labels
+    (seeded), scored against the true labels: the chance level of this probe on these athletes.
+    "maintain_cv": `probes.cv_probe_accuracy` on the training athletes themselves."""
+    from mechunlearn_utils.evaluate.probes import cv_probe_accuracy
+
+    train_labels = np.asarray(train_labels)
+    probes = train_position_probes(train_features, train_labels, C=C, seed=seed)
+    out = probe_curves(probes, probed_features, true_labels, edit_labels)
+    shuffled = np.random.default_rng(seed).permutation(train_labels)
+    sham = probe_curves(train_position_probes(train_features, shuffled, C=C, seed=seed), probed_features, true_labels)
+    for pos in out:
+        out[pos]["shuffled"] = sham[pos]["true"]
+        out[pos]["maintain_cv"] = cv_probe_accuracy(train_features[pos], train_labels, folds=folds, C=C, seed=seed)
+    return out, probes
+
+
+def correct_at(probes: list, features: np.ndarray, labels, layer: int) -> np.ndarray:
+    """Per probed athlete, 1.0 where the layer's probe reads `labels[i]` (for bootstrap intervals)."""
+    return (probes[layer].predict(features[layer]) == np.asarray(labels)).astype(float)
+
+
 @dataclass
 class LatentResult:
     """Per-layer probe accuracy of every edited model of one task (long table) and its inputs."""
 
     task: str
-    curves: pd.DataFrame  # method, position, label ("true"/"edit"), layer, acc
+    curves: pd.DataFrame  # protocol ("paper"/"ours"), method, position, label (LABELS), layer, acc
     features: dict = field(default_factory=dict)  # {method: {position: [layer, athlete, d]}}
     change: dict = field(default_factory=dict)  # {method: relative change of the final-token residual, per layer}
     first_layer: dict = field(default_factory=dict)  # {method: lowest layer the edit trained}
     restore_rel_diff: float = 0.0  # largest relative change of a base residual re-read after the edits
     weights_restored: bool = True  # every weight bit-identical after the edits (else latent_curves raises)
-    probes: dict = field(default_factory=dict)
+    probes: dict = field(default_factory=dict)  # the base-model probes ("ours") {position: [layer]}
     probed: pd.DataFrame | None = None
+    paper_correct: dict = field(default_factory=dict)  # {method: per-athlete 0/1, paper protocol, final, mid layer}
 
 
 def _relative_change(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -137,11 +181,14 @@ def first_edited_layer(path) -> int:
 
 def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: float = 0.1, seed: int = 0,
                   batch_size: int = 32, progress: bool = True) -> LatentResult:
-    """Probes trained on the base model, applied to the probed athletes of every edited model.
+    """Both protocols (`PROTOCOLS`) on the base model and every edited model of one task.
 
-    Also checks each edit changes the probed residual stream (an edit that changes nothing is a
-    bug: raises), that every weight is bit-identical afterwards (raises `WeightsChangedError`), and
-    that the base residuals read again agree within `EVAL_ATOL` (relative; float rounding only).
+    "ours": probes trained on the base model's training athletes, applied to the probed athletes of
+    every edited model. "paper": per model, `paper_probe_curves` on that model's own residuals of the
+    training athletes (its maintain athletes). Also checks each edit changes the probed residual
+    stream (an edit that changes nothing is a bug: raises), that every weight is bit-identical
+    afterwards (raises `WeightsChangedError`), and that the base residuals read again agree within
+    `EVAL_ATOL` (relative; float rounding only).
     """
     from mechunlearn_utils.edit.storage import edited
     from mechunlearn_utils.core.reproducibility import EVAL_ATOL, EvaluationDriftError, assert_weights_restored, weight_digests
@@ -149,41 +196,55 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
     digests = weight_digests(model)
 
     train, probed = probe_split(task, known)
+    train_labels = list(train.sport)
     base_train = athlete_residuals(model, list(train.athlete), batch_size=batch_size, progress=progress)
-    probes = train_position_probes(base_train, list(train.sport), C=C, seed=seed)
+    probes = train_position_probes(base_train, train_labels, C=C, seed=seed)
     true, target = list(probed.sport), list(probed.target) if "target" in probed else None
     feats = {"base": athlete_residuals(model, list(probed.athlete), batch_size=batch_size)}
+    train_feats = {"base": base_train}
     for method, path in tqdm(paths.items(), desc=f"edited models ({task.name})", disable=not progress):
         with edited(model, path):
             feats[method] = athlete_residuals(model, list(probed.athlete), batch_size=batch_size)
+            train_feats[method] = athlete_residuals(model, list(train.athlete), batch_size=batch_size)
     again = athlete_residuals(model, list(probed.athlete), batch_size=batch_size)
     assert_weights_restored(model, digests, f"the edits of {task.name}")
     restore_diff = max(max(_relative_change(again[p], feats["base"][p])) for p in POSITIONS)
     if restore_diff > EVAL_ATOL:
         raise EvaluationDriftError(f"base residuals moved by {restore_diff:.3g} (relative) with the weights "
                                    f"bit-identical: more than float rounding (EVAL_ATOL {EVAL_ATOL:g})")
-    rows, change = [], {}
+    rows, change, correct = [], {}, {}
+    mid = model.n_layers // 2
     for method, f in feats.items():
         if method != "base":
             change[method] = _relative_change(f["final"], feats["base"]["final"])
             if change[method][-1] == 0.0:
                 raise RuntimeError(f"the saved {method!r} edit of {task.name!r} leaves the residual stream "
                                    "unchanged: the edit file holds the base weights")
-        for pos, c in probe_curves(probes, f, true, target).items():
-            for label, acc in c.items():
-                if acc is not None:
-                    rows += [dict(method=method, position=pos, label=label, layer=l, acc=float(a))
-                             for l, a in enumerate(acc)]
+        paper, own = paper_probe_curves(train_feats[method], train_labels, f, true, target, C=C, seed=seed)
+        correct[method] = correct_at(own["final"], f["final"], true, mid).tolist()
+        for protocol, curves in (("ours", probe_curves(probes, f, true, target)), ("paper", paper)):
+            for pos, c in curves.items():
+                for label, acc in c.items():
+                    if acc is not None:
+                        rows += [dict(protocol=protocol, method=method, position=pos, label=label, layer=l,
+                                      acc=float(a)) for l, a in enumerate(acc)]
     first = {m: first_edited_layer(p) for m, p in paths.items()}
-    return LatentResult(task.name, pd.DataFrame(rows), feats, change, first, restore_diff, True, probes, probed)
+    return LatentResult(task.name, pd.DataFrame(rows), feats, change, first, restore_diff, True, probes, probed,
+                        correct)
 
 
 # --------------------------------------------------------------------------- summaries, plots, widget
 
-def summary(curves: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    """Per method x position x label: accuracy at the middle layer, over the back half, and the max."""
+def summary(curves: pd.DataFrame, n_layers: int, protocol: str | None = "ours") -> pd.DataFrame:
+    """Per method x position x label: accuracy at the middle layer, over the back half, and the max;
+    of one protocol (`PROTOCOLS`), or of both (``protocol=None``, then indexed by protocol first)."""
     mid = n_layers // 2
-    g = curves.groupby(["method", "position", "label"])
+    keys = ["method", "position", "label"]
+    if protocol is None:
+        keys = ["protocol"] + keys
+    elif "protocol" in curves:
+        curves = curves[curves.protocol == protocol]
+    g = curves.groupby(keys)
     return pd.DataFrame({
         "mid": g.apply(lambda d: float(d.loc[d.layer == mid, "acc"].iloc[0]), include_groups=False),
         "back_half": g.apply(lambda d: float(d.loc[d.layer >= mid, "acc"].mean()), include_groups=False),
@@ -191,14 +252,34 @@ def summary(curves: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     })
 
 
+def paper_latent_verdict(result: LatentResult, rivals=("ap", "ct"), seed: int = 0) -> tuple[str, dict]:
+    """The latent claim (FLU edits leave less of the true sport readable than AP/CT edits) under the
+    paper's protocol, with a paired bootstrap over the probed athletes of the per-athlete hits at the
+    final token, middle layer (`evaluate.verdicts.ci_verdict`, lower is the paper's side)."""
+    from mechunlearn_utils.evaluate.verdicts import ci_verdict
+
+    return ci_verdict(result.paper_correct, rivals=rivals, lower_is_better=True, seed=seed)
+
+
 def flat_metrics(result: LatentResult, n_layers: int) -> dict:
     """metrics.json entries of one task: curves, summaries, edit-change and restore checks."""
     out, t = {}, result.task
-    for (method, pos, label), d in result.curves.groupby(["method", "position", "label"]):
-        out[f"{t}.{method}.{pos}.{label}_acc_by_layer"] = d.sort_values("layer").acc.tolist()
-    for (method, pos, label), row in summary(result.curves, n_layers).iterrows():
+
+    def key(protocol, method, pos, label):  # "ours" keeps the first keys; the paper's add ".paper"
+        return f"{t}.{method}.{'paper.' if protocol == 'paper' else ''}{pos}.{label}_acc"
+
+    for (protocol, method, pos, label), d in result.curves.groupby(["protocol", "method", "position", "label"]):
+        out[key(protocol, method, pos, label) + "_by_layer"] = d.sort_values("layer").acc.tolist()
+    for (protocol, method, pos, label), row in summary(result.curves, n_layers, protocol=None).iterrows():
         for k, v in row.items():
-            out[f"{t}.{method}.{pos}.{label}_acc.{k}"] = float(v)
+            out[f"{key(protocol, method, pos, label)}.{k}"] = float(v)
+    for m, v in result.paper_correct.items():
+        out[f"{t}.{m}.paper.final.true_correct_mid"] = v
+    verdict, cis = paper_latent_verdict(result)
+    if cis:  # the latent claim with intervals, in notebook 05's key form (workbook.results.attach_cis)
+        out[f"verdict_ci.latent_paper.{t}"] = verdict
+        for rival, (lo, hi) in cis.items():
+            out[f"{t}.latent_paper.ci.{rival}_minus_flu_low"], out[f"{t}.latent_paper.ci.{rival}_minus_flu_high"] = lo, hi
     for m, v in result.change.items():
         out[f"{t}.{m}.resid_change_by_layer"] = v
         out[f"{t}.{m}.resid_change"] = v[-1]
@@ -210,17 +291,28 @@ def flat_metrics(result: LatentResult, n_layers: int) -> dict:
     return out
 
 
-def plot_latent_curves(curves: pd.DataFrame, title: str = "", chance: float | None = None):
+LABEL_TITLES = {"true": "true label", "edit": "injected label", "shuffled": "control: shuffled labels",
+                "maintain_cv": "control: maintain athletes (CV)"}
+
+
+def plot_latent_curves(curves: pd.DataFrame, title: str = "", chance: float | None = None,
+                       protocol: str = "ours", positions=POSITIONS):
     """The paper's Figure 4: probe accuracy by layer, one line per method; rows = position,
-    columns = which label is scored (the true sport, the injected one)."""
+    columns = which label is scored (the true sport, the injected one; the paper protocol's
+    controls), for one protocol (`PROTOCOLS`)."""
     import seaborn as sns
 
-    d = curves.assign(label=curves.label.map({"true": "true label", "edit": "injected label"}),
+    if "protocol" in curves:
+        curves = curves[curves.protocol == protocol]
+    curves = curves[curves.position.isin(positions)]
+    if curves.empty:
+        raise ValueError(f"no probe curves for protocol {protocol!r} at positions {list(positions)}")
+    d = curves.assign(label=curves.label.map(LABEL_TITLES),
                       model=np.where(curves.method == "base", "unedited", "edited"))
     grid = sns.relplot(d, x="layer", y="acc", hue="method", style="model", row="position", col="label",
                        kind="line", markers=True, markersize=4, height=2.8, aspect=1.5,
-                       style_order=["edited", "unedited"],
-                       col_order=[c for c in ("true label", "injected label") if c in set(d.label)])
+                       style_order=["edited", "unedited"], row_order=[p for p in positions if p in set(d.position)],
+                       col_order=[LABEL_TITLES[c] for c in LABELS if LABEL_TITLES[c] in set(d.label)])
     for ax in grid.axes.flat:
         ax.set_ylim(-0.03, 1.03)
         if chance is not None:

@@ -115,7 +115,9 @@ def measure_answers(model, psets: dict[str, PromptSet], batch_size: int = 32) ->
     """Several answers scored on the SAME prompts in one forward pass per batch.
 
     `psets` maps a label to a PromptSet; all must share prompts and candidates and differ only
-    in which candidate is correct. Returns {label: {"p": mean normalized p, "acc": argmax hits}}.
+    in which candidate is correct. Returns {label: {"p": mean normalized p, "acc": argmax hits,
+    "p_raw": mean raw p over the whole vocabulary}} (raw: the paper's CounterFact measure, the
+    first-token probability of the object, `tasks` facts/CounterFactTask.py).
     """
     first = next(iter(psets.values()))
     for label, ps in psets.items():
@@ -126,7 +128,8 @@ def measure_answers(model, psets: dict[str, PromptSet], batch_size: int = 32) ->
     for label, ps in psets.items():
         p = [float(normalized(lp)[c]) for lp, c in zip(logps, ps.correct)]
         hit = [int(np.argmax(lp)) == c for lp, c in zip(logps, ps.correct)]
-        out[label] = {"p": float(np.mean(p)), "acc": float(np.mean(hit))}
+        raw = [float(np.exp(lp[c])) for lp, c in zip(logps, ps.correct)]
+        out[label] = {"p": float(np.mean(p)), "acc": float(np.mean(hit)), "p_raw": float(np.mean(raw))}
     return out
 
 
@@ -177,7 +180,9 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
 
     Sports: ``forget.<fmt>.p_true`` / ``.acc_true`` (lower = the edit held), ``forget.<fmt>.p_target``
     (probability of the injected answer, edits only), ``maintain.<fmt>.p_true`` / ``.acc_true``.
-    CounterFact: the same with formats prompt / paraphrase / mcq, plus ``neighborhood.p_true``.
+    CounterFact: the same with formats prompt / paraphrase / mcq, plus ``neighborhood.p_true``, and
+    the paper's raw measure ``forget.<fmt>.p_raw_true`` / ``maintain.<fmt>.p_raw_true`` (p of the
+    true object's token over the whole vocabulary, not renormalized over the candidates).
     Side effects: ``side.lm_loss`` on held-out text, ``side.unrelated_acc`` on facts not edited.
     """
     out: dict[str, float] = {}
@@ -196,8 +201,10 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
             r = counterfact_measure(model, task.eval_forget, fmt, ["target_true", "target_new"])
             out[f"forget.{fmt}.p_true"], out[f"forget.{fmt}.acc_true"] = r["target_true"]["p"], r["target_true"]["acc"]
             out[f"forget.{fmt}.p_target"] = r["target_new"]["p"]
+            out[f"forget.{fmt}.p_raw_true"] = r["target_true"]["p_raw"]
             m = counterfact_measure(model, task.eval_maintain, fmt)
             out[f"maintain.{fmt}.p_true"], out[f"maintain.{fmt}.acc_true"] = m["p"], m["acc"]
+            out[f"maintain.{fmt}.p_raw_true"] = m["p_raw"]
         out["neighborhood.p_true"] = counterfact_measure(model, task.eval_forget, "neighborhood")["p"]
     if heldout_text:
         out["side.lm_loss"] = lm_loss_on_text(model, heldout_text, lm_context)

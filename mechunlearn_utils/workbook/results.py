@@ -181,11 +181,13 @@ def _numbers(value) -> list[float] | None:
     return None
 
 
-def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS):
+def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS, tol: float | None = None):
     """Largest absolute difference per notebook between two RESULTS_DIRs (timings ignored).
 
     Returns a table: stem, n_compared, max_abs_diff, worst_key, and `mismatched` (keys present in
-    one run only, or non-numeric values that differ)."""
+    one run only, or non-numeric values that differ: verdicts, the dtype); with `tol`, also
+    `n_over_tol` and `over_tol` (the keys whose largest difference exceeds it), e.g. to compare a
+    bf16 run with an fp32 one."""
     import pandas as pd
 
     rows = []
@@ -197,7 +199,7 @@ def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS):
             continue
         a, b = json.loads(path.read_text()), json.loads(other.read_text())
         keys = [k for k in sorted(set(a) | set(b)) if not any(w in k for w in ignore)]
-        worst, worst_key, n, mismatched = 0.0, "", 0, []
+        worst, worst_key, n, mismatched, over = 0.0, "", 0, [], []
         for k in keys:
             va, vb = _numbers(a.get(k)), _numbers(b.get(k))
             if va is None or vb is None or len(va) != len(vb):
@@ -208,8 +210,12 @@ def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS):
             n += 1
             if d > worst or not worst_key:
                 worst, worst_key = d, k
-        rows.append(dict(stem=stem, n_compared=n, max_abs_diff=worst, worst_key=worst_key, mismatched=mismatched))
-    return pd.DataFrame(rows, columns=["stem", "n_compared", "max_abs_diff", "worst_key", "mismatched"])
+            if tol is not None and d > tol:
+                over.append(k)
+        rows.append(dict(stem=stem, n_compared=n, max_abs_diff=worst, worst_key=worst_key, mismatched=mismatched,
+                         n_over_tol=len(over), over_tol=over))
+    columns = ["stem", "n_compared", "max_abs_diff", "worst_key", "mismatched"]
+    return pd.DataFrame(rows, columns=columns + (["n_over_tol", "over_tol"] if tol is not None else []))
 
 
 def latent_position(probes: dict, positions=("final", "subject")) -> str:
@@ -224,22 +230,23 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 
 # Claims whose inputs carry per-fact values, and where their bootstrap verdict lives: notebook 05 keeps the
 # held-out athletes' p(true) after LoRA relearning (`verdict_ci.relearn_lora.<task>`,
-# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`). The other claims' notebooks keep only means.
-CI_SOURCES = {"relearning": "relearn_lora"}
+# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`); notebook 04 the per-athlete hits of the paper's
+# probes (`verdict_ci.latent_paper.<task>`, ...). The other claims' notebooks keep only means.
+CI_SOURCES = {"relearning": "relearn_lora", "latent_paper": "latent_paper"}
 
 
-def attach_cis(verdicts: list[dict], attacks: dict, sources: dict = CI_SOURCES, rivals=("ap", "ct")) -> list[str]:
+def attach_cis(verdicts: list[dict], metrics: dict, sources: dict = CI_SOURCES, rivals=("ap", "ct")) -> list[str]:
     """Add `verdict_ci` and `ci (rival - flu)` to each verdict row whose claim has per-fact intervals
-    in notebook 05's metrics `attacks` (in place); returns the claim ids that got them."""
+    in `metrics` (notebook 05's and 04's metrics merged; in place); returns the claim ids that got them."""
     got = []
     for v in verdicts:
         variant = sources.get(v["id"])
         key = f"verdict_ci.{variant}.{v['task']}"
-        if variant is None or key not in attacks:
+        if variant is None or key not in metrics:
             continue
-        cis = [(r, attacks.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_low"),
-                attacks.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_high")) for r in rivals]
-        v["verdict_ci"] = attacks[key]
+        cis = [(r, metrics.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_low"),
+                metrics.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_high")) for r in rivals]
+        v["verdict_ci"] = metrics[key]
         v["ci (rival - flu)"] = ", ".join(f"{r} [{lo:+.3f}, {hi:+.3f}]" for r, lo, hi in cis if lo is not None)
         got.append(v["id"])
     return sorted(set(got))
