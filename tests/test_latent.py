@@ -159,7 +159,7 @@ def test_latent_curves_on_edited_models(tiny, athletes, task, results_dir, capsy
     fig = plot_latent_curves(res.curves, "tiny", chance=1 / 3)
     assert len(fig.axes) == 4
     fig = plot_latent_curves(res.curves, "tiny", chance=1 / 3, protocol="paper", positions=("final",))
-    assert [ax.get_title() for ax in fig.axes] == ["position = final | label = " + t for t in (
+    assert [ax.get_title() for ax in fig.axes] == ["final token | " + t for t in (
         "true label", "injected label", "control: shuffled labels", "control: maintain athletes (CV)")]
     assert all(len(ax.get_lines()) >= 3 for ax in fig.axes)  # one line per model at least
     with pytest.raises(ValueError, match="no probe curves"):

@@ -309,12 +309,20 @@ def plot_latent_curves(curves: pd.DataFrame, title: str = "", chance: float | No
         raise ValueError(f"no probe curves for protocol {protocol!r} at positions {list(positions)}")
     d = curves.assign(label=curves.label.map(LABEL_TITLES),
                       model=np.where(curves.method == "base", "unedited", "edited"))
-    grid = sns.relplot(d, x="layer", y="acc", hue="method", style="model", row="position", col="label",
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [p for p in positions if p in set(d.position)]
+    cols = [LABEL_TITLES[c] for c in LABELS if LABEL_TITLES[c] in set(d.label)]
+    # one position: the label panels wrap two per row (readable); several: one row per position
+    layout = dict(row="position", row_order=rows) if len(rows) > 1 else dict(col_wrap=min(2, len(cols)))
+    grid = sns.relplot(d, x="layer", y="acc", hue="method", style="model", col="label", col_order=cols,
                        kind="line", markers=True, markersize=4, height=2.8, aspect=1.5,
-                       style_order=["edited", "unedited"], row_order=[p for p in positions if p in set(d.position)],
-                       col_order=[LABEL_TITLES[c] for c in LABELS if LABEL_TITLES[c] in set(d.label)])
+                       style_order=["edited", "unedited"], **layout)
+    if len(rows) == 1:
+        grid.set_titles(f"{rows[0]} token | {{col_name}}")
     for ax in grid.axes.flat:
         ax.set_ylim(-0.03, 1.03)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if chance is not None:
             ax.axhline(chance, ls=":", c="gray")
     grid.set_axis_labels("layer (residual after block)", "probe accuracy")
