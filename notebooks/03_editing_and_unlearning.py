@@ -43,6 +43,7 @@ DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
+PROTOCOL = "scaled"  # "scaled": the sizes below (CPU budget); "paper": the paper's editing run and sweep (GPU)
 TASKS = ["sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport"]
 # The paper's comparison, the two baselines that bound it, and the extraction-stage positive control;
 # [] -> every localization notebook 02 saved (with ap_mlp, all_mlps, flu_pp, ap_abs, ...: ~3x the time).
@@ -55,7 +56,10 @@ N_UNRELATED = 48  # unedited CounterFact facts for the unrelated-fact side effec
 STEPS = 20  # the paper: 50 (7B models); here the forget loss has converged by ~10 (see the curves)
 BATCH_SIZE = 16  # forget and maintain prompts per step (each; the paper: 64). With 8 of 16 athletes
 # per step the forget loss stalls near 1.0: the model learns "another sport", not which one.
-LM_BATCH = 2  # general-text sequences (64 tokens, 16 sampled positions each) per step
+LM_BATCH = 2  # general-text sequences per step ...
+LM_CONTEXT = 64  # ... of this many tokens ...
+LM_POSITIONS = 16  # ... scoring this many sampled positions each (0: all) ...
+LM_POOL = 0  # ... drawn from this many paragraphs (0: 4 x LM_BATCH, fixed; -1: every training paragraph)
 LR = 1e-4  # used for every method unless the sweep picks another
 FORGET_COEF = 1.0
 SWEEP = True  # choose lr and coef per method on the training split (small grid)
@@ -76,7 +80,7 @@ import seaborn as sns
 
 from mechunlearn_utils import load_model
 from mechunlearn_utils.data.datasets import load_general_text
-from mechunlearn_utils.edit.train import EditConfig, edit_and_evaluate, sweep
+from mechunlearn_utils.edit.train import PAPER_SWEEP, EditConfig, edit_and_evaluate, protocol_table, sweep
 from mechunlearn_utils.evaluate.suite import evaluate_task
 from mechunlearn_utils.localize import load_localizations
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
@@ -89,6 +93,13 @@ STEM = "03_editing_and_unlearning"
 t_start = time.perf_counter()
 RESULTS_DIR = start(SEED, RESULTS_DIR)
 OUT = notebook_dir(RESULTS_DIR, STEM)
+assert PROTOCOL in ("scaled", "paper"), f"PROTOCOL must be 'scaled' or 'paper', got {PROTOCOL!r}"
+if PROTOCOL == "paper":  # EditConfig.paper(): 50 steps of 64/64/64, 100-token text, the 3 x 3 sweep on every task
+    _p = EditConfig.paper()
+    STEPS, BATCH_SIZE, LM_BATCH, LM_CONTEXT, LM_POSITIONS, LM_POOL = (
+        _p.steps, _p.batch_size, _p.lm_batch, _p.lm_context, _p.lm_positions, _p.lm_pool)
+    SWEEP, SWEEP_TASKS, SWEEP_STEPS = True, list(TASKS), _p.steps
+    SWEEP_LRS, SWEEP_COEFS = list(PAPER_SWEEP["lrs"]), list(PAPER_SWEEP["coefs"])
 if SMOKE:
     TASKS, STEPS, N_FACTS, SWEEP_LRS, SWEEP_STEPS = ["athletes_to_sport"], 8, 8, [1e-4, 3e-4], 2
     METHODS = ["flu", "ap", "random", "extraction"]
@@ -114,7 +125,7 @@ for kind, locs in localizations.items():
 
 # %%
 text = load_general_text()
-train_text, heldout_text = text[:64], text[-N_HELDOUT_TEXT:]
+train_text, heldout_text = text[:-N_HELDOUT_TEXT] if LM_POOL < 0 else text[:64], text[-N_HELDOUT_TEXT:]
 print(f"{len(text)} paragraphs; MCQ usable on this model: {setup['mcq_usable']}")
 
 # %% [markdown]
@@ -196,6 +207,23 @@ pd.DataFrame(base_rows).round(3)
 # took (forget p(true) <= `SWEEP_FORGET_TARGET`), the one that kept the maintain set best; if
 # none took, the one that forgot most. Every task then uses the method's choice (a CPU budget:
 # the paper sweeps per task).
+#
+# **Scaled, not the paper's sizes.** The table says what this run (`PROTOCOL`) changes against the
+# paper's editing run (`EditConfig.paper()`, from the authors' `localized_finetuning_script_sports.py`),
+# and by how much. `PROTOCOL = "paper"` runs the paper's sizes: 50 steps of 64 forget, 64 maintain
+# and 64 general-text sequences of 100 tokens, every position scored, text drawn afresh each step
+# from every training paragraph, the 3 x 3 sweep on every task: for a GPU box (the LM term alone
+# holds 64 x 99 x 262k logits, ~7 GB in fp32).
+
+# %%
+def edit_config(**kw):
+    """This run's EditConfig (the protocol's sizes); `kw`: lr, forget_coef, steps."""
+    return EditConfig(**{**dict(steps=STEPS, batch_size=BATCH_SIZE, lm_batch=LM_BATCH, lm_context=LM_CONTEXT,
+                                lm_positions=LM_POSITIONS, lm_pool=LM_POOL, seed=SEED), **kw})
+
+
+print(f"PROTOCOL = {PROTOCOL!r}")
+protocol_table(edit_config(), SWEEP_LRS, SWEEP_COEFS, SWEEP_STEPS, len(SWEEP_TASKS) if SWEEP else 0, len(TASKS))
 
 # %%
 def methods_for(task):
@@ -209,7 +237,7 @@ for name, task in tasks.items():
         continue
     for method, loc in methods_for(task).items():
         rows = sweep(model, loc.params, task, train_text, SWEEP_LRS, SWEEP_COEFS,
-                     EditConfig(steps=SWEEP_STEPS, batch_size=BATCH_SIZE, lm_batch=LM_BATCH, seed=SEED),
+                     edit_config(steps=SWEEP_STEPS),
                      forget_target=SWEEP_FORGET_TARGET)
         sweep_rows += [dict(task=name, method=method, **r) for r in rows]
         chosen.setdefault(method, {k: rows[0][k] for k in ("lr", "forget_coef")})
@@ -233,8 +261,7 @@ pd.DataFrame({(n, m): setting(t, m) for n, t in tasks.items() for m in methods_f
 results, histories = {}, {}
 for name, task in tasks.items():
     for method, loc in methods_for(task).items():
-        cfg = EditConfig(steps=STEPS, batch_size=BATCH_SIZE, lm_batch=LM_BATCH, seed=SEED,
-                         **setting(task, method))
+        cfg = edit_config(**setting(task, method))
         path = OUT / "edits" / name / method
         results[name, method], res = edit_and_evaluate(
             model, loc.params, task, train_text, cfg, eval_kwargs(task), save_path=path,
@@ -325,12 +352,14 @@ print("base weights bit-identical after every edit:", True)
 # CounterFact also as the paper scores it, `*.p_raw_true`: the raw probability of the true object), the
 # unedited model as method `base`, `<task>.<method>.lr` / `.forget_coef` (the settings used), and
 # `sweep.<task>.<method>.lr` / `.forget_coef` / `.forget_p_true` / `.maintain_p_true`: lists, one
-# entry per setting tried, best first; `weights_restored` (every base weight bit-identical at the end).
+# entry per setting tried, best first; `weights_restored` (every base weight bit-identical at the end);
+# `protocol` and the sizes it ran with (`steps`, `batch_size`, `lm_batch`, `lm_context`, `lm_positions`, `lm_pool`).
 
 # %%
-metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "steps": STEPS, "batch_size": BATCH_SIZE,
-           "lm_batch": LM_BATCH, "sweep_steps": SWEEP_STEPS if sweep_rows else 0, "sweep_forget_target": SWEEP_FORGET_TARGET,
-           "weights_restored": True}  # the cell above raised otherwise
+metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "protocol": PROTOCOL, "steps": STEPS,
+           "batch_size": BATCH_SIZE, "lm_batch": LM_BATCH, "lm_context": LM_CONTEXT, "lm_positions": LM_POSITIONS,
+           "lm_pool": LM_POOL, "sweep_steps": SWEEP_STEPS if sweep_rows else 0,
+           "sweep_forget_target": SWEEP_FORGET_TARGET, "weights_restored": True}  # the cell above raised otherwise
 for (name, method), row in table.iterrows():
     key = "base" if method == "(base)" else method
     metrics.update({f"{name}.{key}.{k}": float(v) for k, v in row.dropna().items()})

@@ -221,3 +221,50 @@ def test_attack_split_is_the_half_split_of_tasks():
     pd.testing.assert_frame_equal(a, c)
     pd.testing.assert_frame_equal(b, d)
     assert len(a) == 4 and len(b) == 5
+
+
+def test_retain_text_pool_draws_fresh_paragraphs_from_all_of_them(tiny, text):
+    """The paper draws fresh general text every step; `lm_pool=-1` draws from every paragraph given,
+    0 keeps the scaled default of 4 x lm_batch fixed paragraphs."""
+    from mechunlearn_utils.edit.loop import RetainText
+
+    paragraphs = load_general_text()[:40]
+    fixed = RetainText.build(tiny, paragraphs, batch=2, context=8, start=0)
+    every = RetainText.build(tiny, paragraphs, batch=2, context=8, start=0, pool=-1)
+    assert len(fixed.text["input_ids"]) == 8 and len(every.text["input_ids"]) == 40
+    assert len(RetainText.build(tiny, paragraphs, batch=2, context=8, start=0, pool=12).text["input_ids"]) == 12
+    rng, seen = np.random.default_rng(0), set()
+    from mechunlearn_utils.edit.loop import draw
+    for _ in range(30):
+        seen |= set(draw(rng, len(every.text["input_ids"]), every.batch).tolist())
+    assert len(seen) > 8  # over 30 steps more than the fixed pool's 8 paragraphs are used
+
+
+def test_paper_edit_config_and_the_protocol_table():
+    from mechunlearn_utils.edit.train import PAPER_SWEEP, protocol_table
+
+    p = EditConfig.paper()
+    assert (p.steps, p.batch_size, p.lm_batch, p.lm_context, p.lm_positions, p.lm_pool) == (50, 64, 64, 100, 0, -1)
+    assert p.grad_clip == 1.0 and p.warmup_steps == 0 and EditConfig.paper(lr=3e-5).lr == 3e-5
+    assert PAPER_SWEEP == dict(lrs=(1e-5, 3e-5, 1e-4), coefs=(0.1, 1.0, 5.0))
+    t = protocol_table(EditConfig(steps=20), [1e-4, 3e-4], [1.0], 10, 1, 4)
+    assert t.loc["steps", "paper / this run"] == 2.5 and t.loc["forget prompts per step", "paper / this run"] == 4.0
+    assert t.loc["general-text pool (paragraphs)", "this run"] == 8 and t.loc["tasks swept", "paper"] == 4
+    assert t.loc["sweep lrs", "paper"] == "1e-05, 3e-05, 0.0001"
+    same = protocol_table(p, PAPER_SWEEP["lrs"], PAPER_SWEEP["coefs"], 50, 4, 4)
+    assert (same.loc[["steps", "forget prompts per step", "tokens per general-text sequence"], "paper / this run"] == 1.0).all()
+
+
+def test_an_edit_with_the_whole_text_pool_trains_on_other_text(tiny, athletes, text):
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    saved = snapshot(tiny, LATE)
+    lm = {}
+    try:
+        for pool in (0, -1):
+            res = train_edit(tiny, LATE, task, load_general_text()[:40], EditConfig(steps=4, lr=1e-3, batch_size=4, lm_context=8,
+                                                                    lm_pool=pool), progress=False)
+            lm[pool] = [h["lm"] for h in res.history]
+            restore(tiny, saved)
+    finally:
+        restore(tiny, saved)
+    assert lm[0] != lm[-1]  # the same seed draws other paragraphs once the pool is the whole text

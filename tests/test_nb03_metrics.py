@@ -19,6 +19,7 @@ def test_every_method_has_every_measure(smoke_metrics):
                 assert 0 <= v <= 1
         assert m[f"{TASK}.{method}.side.lm_loss"] > 0
     assert m["weights_restored"] is True  # the notebook's bitwise weight check ran (it raises otherwise)
+    assert m["protocol"] == "scaled" and (m["lm_context"], m["lm_positions"], m["lm_pool"]) == (64, 16, 0)
 
 
 def test_edits_take_in_the_training_format(smoke_metrics):

@@ -150,8 +150,10 @@ def sample_positions(rng: np.random.Generator, n_seqs: int, n_positions: int, k:
 
 @dataclass
 class RetainText:
-    """The retain term: general text (first `context` tokens of `4 * batch` paragraphs), its frozen
-    prefix, and per step `batch` sequences (`positions` scored per sequence; 0: all)."""
+    """The retain term: general text (first `context` tokens of `pool` paragraphs; 0: `4 * batch`;
+    -1: all of them), its frozen prefix, and per step `batch` sequences drawn afresh from the pool
+    (`positions` scored per sequence; 0: all). The paper draws fresh Pile sequences every step: a pool of every
+    training paragraph is the closest this offline workbook gets."""
 
     text: dict
     prefix: torch.Tensor | None
@@ -160,8 +162,10 @@ class RetainText:
     positions: int = 0
 
     @classmethod
-    def build(cls, model, paragraphs: list[str], batch: int, context: int, start: int, positions: int = 0):
-        text = general_text_batch(model, paragraphs, batch * 4, context)
+    def build(cls, model, paragraphs: list[str], batch: int, context: int, start: int, positions: int = 0,
+              pool: int = 0):
+        n = len(paragraphs) if pool < 0 else (pool or batch * 4)
+        text = general_text_batch(model, paragraphs, n, context)
         return cls(text, prefix_hidden(model.hf, text["input_ids"], text["attention_mask"], start), start,
                    batch, positions)
 
@@ -187,8 +191,9 @@ class EditData:
 
     @classmethod
     def build(cls, model, forget: Examples, maintain: Examples, general_text: list[str], start: int,
-              lm_coef: float, lm_batch: int, lm_context: int, lm_positions: int = 0) -> "EditData":
-        text = (RetainText.build(model, general_text, lm_batch, lm_context, start, lm_positions)
+              lm_coef: float, lm_batch: int, lm_context: int, lm_positions: int = 0,
+              lm_pool: int = 0) -> "EditData":
+        text = (RetainText.build(model, general_text, lm_batch, lm_context, start, lm_positions, lm_pool)
                 if lm_coef > 0 else None)
         return cls(forget.freeze_below(model, start), maintain.freeze_below(model, start), text, start)
 

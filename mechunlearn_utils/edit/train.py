@@ -44,10 +44,51 @@ class EditConfig:
     lm_batch: int = 2  # general-text sequences per step
     lm_context: int = 64  # tokens per general-text sequence
     lm_positions: int = 16  # positions per sequence scored by the LM loss (0: all; the 262k-way unembedding dominates)
+    lm_pool: int = 0  # paragraphs the sequences are drawn from (0: 4 x lm_batch, fixed; -1: every one given)
     grad_clip: float = 1.0
     warmup_steps: int = 0
     frozen_prefix: bool = True
     seed: int = 0
+
+    @classmethod
+    def paper(cls, **overrides) -> "EditConfig":
+        """The paper's editing run (magikarp01/mechanistic-unlearning,
+        finetuning_scripts/localized_finetuning_script_sports.py: 50 epochs of one optimizer step, 4 x 16
+        gradient-accumulated = 64 forget, 64 maintain and 64 Pile sequences of 100 tokens per step,
+        AdamW wd 0, cosine annealing over the steps, clip 1; lr and forget coef swept over
+        {1e-5, 3e-5, 1e-4} x {0.1, 1, 5}). The Pile is not reachable offline: general text is drawn
+        afresh each step from every training paragraph of `data/general_text.txt` (`lm_pool`)."""
+        base = dict(steps=50, batch_size=64, lm_batch=64, lm_context=100, lm_positions=0, lm_pool=-1,
+                    grad_clip=1.0, warmup_steps=0)
+        return cls(**{**base, **overrides})
+
+
+# The paper's sweep grid (the same script, its launch settings; see the issue's citation in README)
+PAPER_SWEEP = dict(lrs=(1e-5, 3e-5, 1e-4), coefs=(0.1, 1.0, 5.0))
+
+
+def protocol_table(scaled: EditConfig, sweep_lrs, sweep_coefs, sweep_steps: int, n_tasks_swept: int,
+                   n_tasks: int):
+    """What the scaled protocol changes against the paper's editing run: one row per setting with
+    both values and the factor (paper / ours) where it is a size."""
+    import pandas as pd
+
+    paper = EditConfig.paper()
+    rows = [("steps", scaled.steps, paper.steps), ("forget prompts per step", scaled.batch_size, paper.batch_size),
+            ("maintain prompts per step", scaled.batch_size, paper.batch_size),
+            ("general-text sequences per step", scaled.lm_batch, paper.lm_batch),
+            ("tokens per general-text sequence", scaled.lm_context, paper.lm_context),
+            ("LM positions scored per sequence", scaled.lm_positions or scaled.lm_context, paper.lm_context),
+            ("general-text pool (paragraphs)", "all" if scaled.lm_pool < 0 else scaled.lm_pool or 4 * scaled.lm_batch,
+             "all (fresh each step)"),
+            ("sweep lrs", ", ".join(f"{x:g}" for x in sweep_lrs), ", ".join(f"{x:g}" for x in PAPER_SWEEP["lrs"])),
+            ("sweep forget coefs", ", ".join(f"{x:g}" for x in sweep_coefs),
+             ", ".join(f"{x:g}" for x in PAPER_SWEEP["coefs"])),
+            ("sweep steps", sweep_steps, paper.steps), ("tasks swept", n_tasks_swept, n_tasks)]
+    df = pd.DataFrame(rows, columns=["setting", "this run", "paper"]).set_index("setting")
+    df["paper / this run"] = [round(b / a, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a
+                              else "" for a, b in zip(df["this run"], df["paper"])]
+    return df
 
 
 # --------------------------------------------------------------------------- training data
@@ -77,7 +118,7 @@ def edit_data(model, param_names: list[str], task: Task, general_text: list[str]
     start = first_trainable_layer(list(param_names)) if cfg.frozen_prefix else 0
     forget, maintain = task_examples(model, task)
     return EditData.build(model, forget, maintain, general_text, start, cfg.lm_coef, cfg.lm_batch,
-                          cfg.lm_context, getattr(cfg, "lm_positions", 0))
+                          cfg.lm_context, getattr(cfg, "lm_positions", 0), getattr(cfg, "lm_pool", 0))
 
 
 # --------------------------------------------------------------------------- training
