@@ -46,14 +46,15 @@ MARGIN = 0.05  # FLU must beat a rival by this much to count as better
 SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
 from mechunlearn_utils.workbook.notebook import start
-from mechunlearn_utils.workbook.results import (MissingResultsError, attach_cis, claim_verdict, latent_position,
-                                       load_paper_results, metrics_long, notebook_dir, read_metrics,
-                                       robustness_vs_side_effects, save_figure, side_by_side, write_metrics)
+from mechunlearn_utils.viz.plotting import pareto_plot
+from mechunlearn_utils.workbook.results import (PAPER_TABLE_OF_TASK, MissingResultsError, attach_cis, claim_verdict,
+                                               latent_position, load_paper_results, metrics_long, notebook_dir,
+                                               read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
+                                               write_metrics)
 
 STEM = "07_results"
 RESULTS_DIR = start(SEED, RESULTS_DIR)
@@ -176,27 +177,17 @@ print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of
 
 # %% [markdown]
 # ## 5 · Pareto view: forget vs maintain, per task
-# Each point a method of this run (the paper's numbers are in the table of section 1, not drawn
-# here). Top-left is best: forget p(true) low on the x axis (old answer gone), maintain high on
-# the y axis (other facts kept).
+# Each filled point a method of this run, each hollow point the paper's number for the same two
+# measures where the paper reports them (sport_to_golf in the training format; its other tables
+# report MCQ, which this model cannot answer). Every method has its own colour and marker. Top-left
+# is best: forget p(true) low on the x axis (old answer gone; a log axis, since edits drive it to
+# ~0), maintain high on the y axis (other facts kept).
 #
 # *Predict:* where will the nonlocalized edit sit, and where the unedited model (`base`)?
 
 # %%
-def pareto(task):
-    train_fmt = "prompt" if task == "counterfact" else "normal"
-    x, y = f"forget.{train_fmt}.p_true", f"maintain.{train_fmt}.p_true"
-    frame = ours[(ours.task == task) & ours.measure.isin([x, y])]
-    return frame.pivot_table(index="method", columns="measure", values="value").reset_index(), x, y
-
-
-tasks = sorted(ours.task.unique())
-fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-for ax, task in zip(axes[0], tasks):
-    frame, x, y = pareto(task)
-    if x in frame and y in frame:
-        sns.scatterplot(frame, x=x, y=y, hue="method", s=80, ax=ax)
-    ax.set(title=task, xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+paper_by_task = paper.assign(task=paper.table.map({v: k for k, v in PAPER_TABLE_OF_TASK.items()}))
+fig = pareto_plot(ours, paper_by_task)
 save_figure(fig, RESULTS_DIR, STEM, "pareto_forget_maintain")
 
 # %% [markdown]
@@ -207,7 +198,8 @@ save_figure(fig, RESULTS_DIR, STEM, "pareto_forget_maintain")
 # %%
 trade = robustness_vs_side_effects(ours, metrics_long(attacks)) if attacks else pd.DataFrame()
 if len(trade):
-    grid = sns.relplot(trade, x="side_effect", y="attack_p_true", hue="method", col="task", s=80, height=3.5,
+    grid = sns.relplot(trade, x="side_effect", y="attack_p_true", hue="method", style="method", col="task", s=80,
+                       height=3.5,
                        facet_kws=dict(sharex=False))
     grid.set_axis_labels("LM loss change (edited - base)", "forget p(true) after relearning")
     save_figure(grid.figure, RESULTS_DIR, STEM, "pareto_robustness_side_effects")

@@ -87,7 +87,30 @@ def test_edit_summary_plot_draws_each_method_at_its_numbers():
     for ax, y in zip(fig.axes, ys):
         points = np.concatenate([c.get_offsets() for c in ax.collections])
         np.testing.assert_allclose(points, rows[["forget.normal.p_true", y]].to_numpy())
-        assert ax.get_xlabel() == "forget p(true), training format"
+        assert ax.get_xlabel() == "forget p(true), training format (log)" and ax.get_xscale() == "log"
     assert [ax.get_ylabel() for ax in fig.axes] == ["maintain (training format)", "forget, question format",
                                                      "forget, multiple choice"]
     assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["flu", "ap"]
+
+
+def test_pareto_plot_gives_each_method_a_marker_clips_at_the_floor_and_draws_the_paper_hollow():
+    from mechunlearn_utils.viz.plotting import FORGET_FLOOR, method_style, pareto_plot
+
+    ours = pd.DataFrame([("t", m, f"{s}.normal.p_true", v) for m, f, mt in
+                         (("flu", 0.0, 0.9), ("ap", 0.0, 0.8), ("ct", 0.02, 0.95))
+                         for s, v in (("forget", f), ("maintain", mt))], columns=["task", "method", "measure", "value"])
+    paper = pd.DataFrame([("t", "flu", "forget.normal.p_true", 0.007), ("t", "flu", "maintain.normal.p_true", 0.895)],
+                         columns=["task", "method", "measure", "value"])
+    fig = pareto_plot(ours, paper)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and len(ax.collections) == 4
+    got = {c.get_label(): c for c in ax.collections}
+    assert tuple(got["flu"].get_offsets()[0]) == (FORGET_FLOOR, 0.9)  # saturated at 0: drawn at the floor
+    assert tuple(got["ap"].get_offsets()[0]) == (FORGET_FLOOR, 0.8)
+    assert tuple(got["ct"].get_offsets()[0]) == pytest.approx((0.02, 0.95))
+    assert tuple(got["flu (paper)"].get_offsets()[0]) == pytest.approx((0.007, 0.895))
+    assert len(got["flu (paper)"].get_facecolor()) == 0 and got["flu"].get_facecolor()[0][-1] == 1  # hollow / filled
+    assert len({method_style(m)["marker"] for m in ("flu", "ap", "ct", "random", "nonlocalized", "extraction")}) == 6
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["flu", "ap", "ct", "flu (paper)"]
+    with pytest.raises(ValueError, match="no task"):
+        pareto_plot(ours.iloc[:0])
