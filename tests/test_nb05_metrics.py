@@ -97,3 +97,14 @@ def test_relearning_intervals(m):
         assert m[f"verdict_ci.{v}.{TASK}"] in {"reproduced", "not reproduced", "mixed", "inconclusive",
                                                "not measured"}
     assert m["protocol"] == "scaled" and not any(".paper_soft_prompt." in k for k in m)  # off by default
+
+
+def test_relearning_verdict_pooled_over_splits(m):
+    """SMOKE runs RELEARN_SPLITS = 2: each athlete's held-out p(true) averaged over the splits that held it out."""
+    assert m["relearn_splits"] == 2 and m[f"{TASK}.relearn_lora_splits.n_splits"] == 2
+    assert m[f"{TASK}.relearn_lora_splits.n_athletes"] >= 2
+    assert m[f"verdict_ci.relearn_lora_splits.{TASK}"] in {"reproduced", "not reproduced", "mixed", "inconclusive"}
+    for meth in m["methods"]:
+        assert 0 <= m[f"{TASK}.{meth}.relearn_lora_splits.heldout_mean"] <= 1
+    lo, hi = m[f"{TASK}.relearn_lora_splits.ci.ap_minus_flu_low"], m[f"{TASK}.relearn_lora_splits.ci.ap_minus_flu_high"]
+    assert -1 <= lo <= hi <= 1

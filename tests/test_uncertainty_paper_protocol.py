@@ -145,6 +145,31 @@ def test_attach_cis_only_where_05_has_intervals():
     assert attach_cis(verdicts, attacks) == ["relearning"]
     assert verdicts[0]["verdict_ci"] == "inconclusive" and verdicts[0]["ci (rival - flu)"] == "ap [-0.100, +0.200]"
     assert "verdict_ci" not in verdicts[1] and "verdict_ci" not in verdicts[2]
+    assert verdicts[0]["ci source"] == "relearn_lora"
+    pooled = {**attacks, "verdict_ci.relearn_lora_splits.t": "reproduced", "t.relearn_lora_splits.ci.ap_minus_flu_low": 0.1,
+              "t.relearn_lora_splits.ci.ap_minus_flu_high": 0.3}
+    again = [dict(id="relearning", task="t", verdict="mixed")]
+    assert attach_cis(again, pooled) == ["relearning"]  # several splits, when there, come first
+    assert again[0]["verdict_ci"] == "reproduced" and again[0]["ci source"] == "relearn_lora_splits"
+
+
+def test_split_pooled_relearning_verdict_averages_each_athlete_over_its_held_out_splits():
+    from mechunlearn_utils.attacks import pooled_heldout, split_ci_verdicts
+
+    assert pooled_heldout([(["a", "b"], [0.2, 0.4]), (["a", "c"], [0.4, 0.9])]) == pytest.approx(
+        {"a": 0.3, "b": 0.4, "c": 0.9})
+    with pytest.raises(ValueError, match="values"):
+        pooled_heldout([(["a"], [0.1, 0.2])])
+    names = [f"x{i}" for i in range(12)]
+    splits = [names[:6], names[6:], names[3:9]]
+    runs = {("t", "flu"): [(s, [0.01] * 6) for s in splits],
+            ("t", "ap"): [(s, [0.8] * 6) for s in splits],
+            ("t", "ct"): [(s, [0.5 + 0.01 * i for i in range(6)]) for s in splits]}
+    v = split_ci_verdicts(runs).iloc[0]
+    assert v.verdict == "reproduced" and v.n_splits == 3 and v.n_athletes == 12
+    assert v["flu.mean"] == pytest.approx(0.01) and v["ap.ci"][0] > 0.7
+    runs[("t", "ap")] = [(s, [0.0] * 6) for s in splits]  # AP now holds better than FLU
+    assert split_ci_verdicts(runs).iloc[0].verdict == "mixed"
 
 
 def test_above_chance_binomial():

@@ -128,6 +128,40 @@ def relearn_ci_verdicts(results: dict, flu: str = "flu", rivals=("ap", "ct")) ->
     return pd.DataFrame(rows)
 
 
+def pooled_heldout(runs: list[tuple[list[str], list[float]]]) -> dict[str, float]:
+    """Mean held-out p(true) per athlete over the splits where it was held out: `runs` holds, per
+    split, (held-out athlete names, their p(true) after relearning), in the same order."""
+    sums: dict[str, list[float]] = {}
+    for names, values in runs:
+        if len(names) != len(values):
+            raise ValueError(f"{len(names)} held-out athletes but {len(values)} values in one split")
+        for a, v in zip(names, values):
+            sums.setdefault(a, []).append(float(v))
+    return {a: sum(v) / len(v) for a, v in sums.items()}
+
+
+def split_ci_verdicts(runs: dict, flu: str = "flu", rivals=("ap", "ct"), seed: int = 0) -> pd.DataFrame:
+    """The relearning verdict over several splits of the forget set into attack-train / held-out
+    halves: ``runs[(task, method)]`` is a list, one per split, of (held-out names, p(true) after
+    relearning). Per athlete, the mean over the splits that held it out (`pooled_heldout`); then the
+    paired bootstrap over athletes (`evaluate.verdicts.ci_verdict`). Columns task, n_splits,
+    n_athletes, verdict, per method the pooled mean, per rival the CI of (rival - FLU)."""
+    rows = []
+    for task in dict.fromkeys(t for t, _ in runs):
+        pooled = {m: pooled_heldout(r) for (t, m), r in runs.items() if t == task}
+        names = sorted(set.intersection(*(set(p) for p in pooled.values())))
+        if not names:
+            raise ValueError(f"{task}: no athlete was held out for every method")
+        per_fact = {m: [p[a] for a in names] for m, p in pooled.items()}
+        verdict, cis = ci_verdict(per_fact, flu, rivals, lower_is_better=True, seed=seed)
+        rows.append(dict(task=task, n_splits=max(len(r) for (t, _), r in runs.items() if t == task),
+                         n_athletes=len(names), verdict=verdict,
+                         **{f"{m}.mean": float(sum(v) / len(v)) for m, v in per_fact.items()},
+                         **{f"{r}-{flu} CI": f"[{lo:+.3f}, {hi:+.3f}]" for r, (lo, hi) in cis.items()},
+                         **{f"{r}.ci": (lo, hi) for r, (lo, hi) in cis.items()}))
+    return pd.DataFrame(rows)
+
+
 def plot_ci_bars(frame: pd.DataFrame, title: str = "", ylabel: str = "held-out forget p(true)"):
     """One panel per task: a point per method and variant with its CI as an error bar (the spread
     of a per-fact mean; `relearn_ci_frame`'s columns)."""

@@ -231,8 +231,9 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 # Claims whose inputs carry per-fact values, and where their bootstrap verdict lives: notebook 05 keeps the
 # held-out athletes' p(true) after LoRA relearning (`verdict_ci.relearn_lora.<task>`,
 # `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`); notebook 04 the per-athlete hits of the paper's
-# probes (`verdict_ci.latent_paper.<task>`, ...). The other claims' notebooks keep only means.
-CI_SOURCES = {"relearning": "relearn_lora", "latent_paper": "latent_paper"}
+# probes (`verdict_ci.latent_paper.<task>`, ...). The other claims' notebooks keep only means. Per claim, the
+# sources in order of preference: the relearning verdict pooled over several splits first, when 05 ran them.
+CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",)}
 
 
 def attach_cis(verdicts: list[dict], metrics: dict, sources: dict = CI_SOURCES, rivals=("ap", "ct")) -> list[str]:
@@ -240,13 +241,16 @@ def attach_cis(verdicts: list[dict], metrics: dict, sources: dict = CI_SOURCES, 
     in `metrics` (notebook 05's and 04's metrics merged; in place); returns the claim ids that got them."""
     got = []
     for v in verdicts:
-        variant = sources.get(v["id"])
-        key = f"verdict_ci.{variant}.{v['task']}"
-        if variant is None or key not in metrics:
+        options = sources.get(v["id"], ())
+        options = (options,) if isinstance(options, str) else options
+        variant = next((o for o in options if f"verdict_ci.{o}.{v['task']}" in metrics), None)
+        if variant is None:
             continue
+        key = f"verdict_ci.{variant}.{v['task']}"
         cis = [(r, metrics.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_low"),
                 metrics.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_high")) for r in rivals]
         v["verdict_ci"] = metrics[key]
+        v["ci source"] = variant
         v["ci (rival - flu)"] = ", ".join(f"{r} [{lo:+.3f}, {hi:+.3f}]" for r, lo, hi in cis if lo is not None)
         got.append(v["id"])
     return sorted(set(got))
