@@ -195,7 +195,8 @@ def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS, tol: float | None = None):
         stem = path.parent.name
         other = Path(dir_b) / stem / "metrics.json"
         if not other.exists():
-            rows.append(dict(stem=stem, n_compared=0, max_abs_diff=math.nan, worst_key="", mismatched=["<missing>"]))
+            rows.append(dict(stem=stem, n_compared=0, max_abs_diff=math.nan, worst_key="", mismatched=["<missing>"],
+                             n_over_tol=0, over_tol=[]))
             continue
         a, b = json.loads(path.read_text()), json.loads(other.read_text())
         keys = [k for k in sorted(set(a) | set(b)) if not any(w in k for w in ignore)]
