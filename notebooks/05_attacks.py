@@ -60,13 +60,13 @@ TASKS = ["athletes_to_sport"]  # sports tasks notebook 03 edited (sport_to_golf,
 RELEARN_TASKS = ["athletes_to_sport", "sport_to_golf"]  # relearning on both, as the paper; other attacks: TASKS
 PROTOCOL = "scaled"  # "scaled": the sizes below (CPU budget); "paper": the paper's relearning and soft prompt
 PAPER_SOFT_PROMPT = False  # True: also run the paper's soft-prompt adversary under the scaled protocol
-PAPER_SP_STEPS = 128  # the paper's adversary: AdamW lr 1e-5, 15 vectors, norm <= 6 ...
+PAPER_SP_STEPS = 128  # the adversary of the paper: AdamW lr 1e-5, 15 vectors, norm at most 6 ...
 PAPER_SP_RUNS = 4  # ... and 4 runs averaged
 METHODS = ["flu", "ap", "ct", "random", "extraction"]  # [] -> every saved edit; extraction: the positive control
 RELEARN_STEPS = 20  # LoRA, evaluated at 0, RELEARN_STEPS // 2, RELEARN_STEPS: the paper's 0, 10, 20
 RELEARN_MODES = ["lora", "full"]
-RELEARN_SPLITS = 1  # splits of the forget set into halves for the LoRA verdict (issue 15 asks >= 3; each +1 = one more
-# LoRA relearning per edited model, ~40 s each here); "paper" protocol: 3
+RELEARN_SPLITS = 1  # splits of the forget set for the LoRA verdict: issue 15 asks 3, each costs one more relearning
+# per edited model, about 40 s here; the paper protocol uses 3
 FULL_STEPS = 10  # full fine-tuning costs more per step; evaluated at 0, 5, 10
 LORA_RANK = 64  # the paper: 512 on 3072-4096-wide models; gemma-3-270m is 640 wide
 LORA_ALPHA = 32
