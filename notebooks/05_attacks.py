@@ -260,19 +260,9 @@ relearn_ci.round(3)
 split_runs = {}
 if RELEARN_SPLITS > 1:
     t0 = time.perf_counter()
-    lora = variants["relearn_lora"]
-    for k in range(RELEARN_SPLITS):
-        split = {t: A.split_forget(task.eval_forget, SEED + k) for t, task in tasks.items()}
-
-        def run_split(t, m):
-            train, heldout = split[t]
-            return A.relearn(model, train, heldout, tasks[t].train_maintain, train_text, lora,
-                             progress=False).heldout_by_athlete[-1]
-
-        got = ({(t, m): relearned[t, m, "relearn_lora"].heldout_by_athlete[-1] for t, m in relearn_edits} if k == 0
-               else A.over_edits(model, relearn_edits, run_split, desc=f"split {k}"))  # split 0: the run above
-        for (t, m), values in got.items():
-            split_runs.setdefault((t, m), []).append((list(split[t][1].athlete), values))
+    first = {(t, m): r.heldout_by_athlete[-1] for (t, m, v), r in relearned.items() if v == "relearn_lora"}
+    split_runs = A.relearn_over_splits(model, relearn_edits, tasks, range(SEED, SEED + RELEARN_SPLITS), train_text,
+                                       variants["relearn_lora"], done=first)  # seed SEED: the split above
     seconds["relearn_splits"] = time.perf_counter() - t0
     split_verdicts = A.split_ci_verdicts(split_runs)
     display(split_verdicts.filter(regex=r"^(task|n_splits|n_athletes|verdict)$|mean$|CI$").round(3))

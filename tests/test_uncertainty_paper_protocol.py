@@ -181,3 +181,28 @@ def test_above_chance_binomial():
     assert above_chance(4, 4, 0.25)["p_value"] == pytest.approx(0.25 ** 4)  # all right by luck
     with pytest.raises(ValueError):
         above_chance(5, 4, 0.25)
+
+
+def test_relearn_over_splits_runs_each_seed_split_and_reuses_the_first(monkeypatch):
+    from types import SimpleNamespace
+
+    import mechunlearn_utils.attacks.relearning as R
+    from mechunlearn_utils.data.datasets import load_athletes
+    from mechunlearn_utils.data.tasks import make_task
+
+    task = make_task("athletes_to_sport", athletes=load_athletes().groupby("sport").head(8).reset_index(drop=True),
+                     n=8, n_maintain=4)
+    calls = []
+
+    def fake_relearn(model, train, heldout, maintain, text, cfg, progress=True):
+        calls.append(tuple(heldout.athlete))
+        return SimpleNamespace(heldout_by_athlete=[[0.5] * len(heldout)])
+
+    monkeypatch.setattr(R, "relearn", fake_relearn)
+    edits = {("t", "flu"): None}  # no edit file: the model as it is
+    done = {("t", "flu"): [0.1] * 4}
+    runs = R.relearn_over_splits(None, edits, {"t": task}, [0, 1, 2], [], R.RelearnConfig(), done=done, progress=False)
+    assert len(runs["t", "flu"]) == 3 and len(calls) == 2  # seed 0 reused, seeds 1 and 2 run
+    names = [tuple(n) for n, _ in runs["t", "flu"]]
+    assert len(set(names)) > 1 and runs["t", "flu"][0][1] == [0.1] * 4 and names[1:] == calls
+    assert all(len(n) == 4 and set(n) <= set(task.eval_forget.athlete) for n in names)

@@ -31,7 +31,8 @@ from mechunlearn_utils.attacks.formats import (ALT_FORMATS, LANGUAGE_CSV, answer
 from mechunlearn_utils.attacks.quantize import (QUANT_SETTINGS, edit_survival, fake_quantize, parse_quant,
                                                 quant_attack, quant_param_names, quantize_codes, quantized)
 from mechunlearn_utils.attacks.relearning import (RelearnConfig, RelearnResult, decoder_linear_names,
-                                               decoder_parameter_names, full_finetune, lora_adapter, relearn)
+                                               decoder_parameter_names, full_finetune, lora_adapter, relearn,
+                                               relearn_over_splits)
 from mechunlearn_utils.attacks.report import (attack_records, attack_verdicts, control_check, plot_ci_bars,
                                               plot_recovery, plot_relearn_curves, pooled_heldout, recovery_table,
                                               relearn_ci_frame, relearn_ci_verdicts, relearn_curve_frame,
