@@ -46,7 +46,8 @@
 # * test unseen formats and languages;
 # * quantize weights and predict when rounding erases an edit (exercise: write the round trip).
 #
-# **Time:** about 45 minutes with the exercise; the run takes about 6-9 minutes on a 2-core CPU.
+# **Time:** about 45 minutes with the exercise; the run takes about 15-20 minutes on a 2-core CPU
+# (relearning on two tasks; each extra split in `RELEARN_SPLITS` adds about 8 minutes).
 # Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]
