@@ -123,19 +123,20 @@ def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edi
 
 
 def paper_probe_curves(train_features: dict[str, np.ndarray], train_labels, probed_features: dict[str, np.ndarray],
-                       true_labels, edit_labels=None, C: float = 0.1, seed: int = 0, folds: int = 5
-                       ) -> tuple[dict, dict]:
+                       true_labels, edit_labels=None, C: float = 0.1, seed: int = 0, folds: int = 5,
+                       probes: dict | None = None) -> tuple[dict, dict]:
     """The paper's protocol on one (edited) model: per-layer probes fit on `train_features` (that
     model's maintain athletes), scored on `probed_features` (its forgotten athletes).
 
     -> ({position: {"true", "edit" (None if a label is unknown to the probes), "shuffled",
     "maintain_cv": acc[layer]}}, the fitted probes {position: [layer]}). "shuffled": probes fit on a fixed permutation of the training labels
     (seeded), scored against the true labels: the chance level of this probe on these athletes.
-    "maintain_cv": `probes.cv_probe_accuracy` on the training athletes themselves."""
+    "maintain_cv": `probes.cv_probe_accuracy` on the training athletes themselves. `probes`: the
+    probes already fit on exactly these features and labels (not fit again)."""
     from mechunlearn_utils.evaluate.probes import cv_probe_accuracy
 
     train_labels = np.asarray(train_labels)
-    probes = train_position_probes(train_features, train_labels, C=C, seed=seed)
+    probes = probes or train_position_probes(train_features, train_labels, C=C, seed=seed)
     out = probe_curves(probes, probed_features, true_labels, edit_labels)
     shuffled = np.random.default_rng(seed).permutation(train_labels)
     sham = probe_curves(train_position_probes(train_features, shuffled, C=C, seed=seed), probed_features, true_labels)
@@ -220,7 +221,8 @@ def latent_curves(model, task, known: pd.DataFrame, paths: dict[str, Path], C: f
             if change[method][-1] == 0.0:
                 raise RuntimeError(f"the saved {method!r} edit of {task.name!r} leaves the residual stream "
                                    "unchanged: the edit file holds the base weights")
-        paper, own = paper_probe_curves(train_feats[method], train_labels, f, true, target, C=C, seed=seed)
+        paper, own = paper_probe_curves(train_feats[method], train_labels, f, true, target, C=C, seed=seed,
+                                        probes=probes if method == "base" else None)  # base: the same fit
         correct[method] = correct_at(own["final"], f["final"], true, mid).tolist()
         for protocol, curves in (("ours", probe_curves(probes, f, true, target)), ("paper", paper)):
             for pos, c in curves.items():
