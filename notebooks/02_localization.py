@@ -90,6 +90,7 @@ from IPython.display import display
 
 from mechunlearn_utils import load_model
 from mechunlearn_utils import localize as lz
+from mechunlearn_utils.data.datasets import balanced_sample
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.evaluate.probes import cv_probe_accuracy, plot_probe_curves, residuals_at
 from mechunlearn_utils.viz.circuits_plots import plot_token_trace
@@ -131,7 +132,7 @@ for t, f in facts.items():
 # Gemma-7B is MLPs 2-7.
 
 # %%
-probe_set = athletes if not PROBE_FACTS else lz.balanced_sample(athletes, PROBE_FACTS, "sport", SEED)
+probe_set = athletes if not PROBE_FACTS else balanced_sample(athletes, PROBE_FACTS, "sport", SEED)
 folds = max(2, min(5, int(probe_set.sport.value_counts().min())))
 probe_facts = lz.sports_facts(model, probe_set)
 t0, probe_counter = time.perf_counter(), lz.PassCounter()

@@ -103,6 +103,7 @@ from mechunlearn_utils.workbook.notebook import known_athletes, start
 from mechunlearn_utils.core.reproducibility import assert_weights_restored, weight_digests
 from mechunlearn_utils.workbook.results import load_paper_results, metrics_long, save_figure, side_by_side, write_metrics
 from mechunlearn_utils.data.tasks import make_task
+from mechunlearn_utils.evaluate.verdicts import ci_metrics
 
 STEM = "05_attacks"
 t_start, seconds = time.perf_counter(), {}
@@ -540,17 +541,13 @@ metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "relearn_steps": RELEAR
            "methods": sorted({m for _, m in edits}), "weights_restored": True, **ours}  # checked above
 metrics.update({f"{r.task}.{r.method}.{r.variant}.heldout_ci_{k}": getattr(r, f"ci_{k}")
                 for r in relearn_ci.itertuples() for k in ("low", "high")})
-for r in relearn_ci_verdicts.to_dict("records"):
-    metrics[f"verdict_ci.{r['variant']}.{r['task']}"] = r["verdict"]
-    metrics.update({f"{r['task']}.{r['variant']}.ci.{k[:-3]}_minus_flu_{b}": v for k, ci in r.items()
-                    if k.endswith(".ci") and isinstance(ci, tuple) for b, v in zip(("low", "high"), ci)})
+for r in relearn_ci_verdicts.itertuples():
+    metrics.update(ci_metrics(r.task, r.variant, r.verdict, r.cis))
 for r in split_verdicts.to_dict("records"):  # the LoRA verdict pooled over RELEARN_SPLITS splits
-    metrics[f"verdict_ci.relearn_lora_splits.{r['task']}"] = r["verdict"]
+    metrics.update(ci_metrics(r["task"], "relearn_lora_splits", r["verdict"], r["cis"]))
     metrics[f"{r['task']}.relearn_lora_splits.n_splits"] = r["n_splits"]
     metrics[f"{r['task']}.relearn_lora_splits.n_athletes"] = r["n_athletes"]
     metrics.update({f"{r['task']}.{k[:-5]}.relearn_lora_splits.heldout_mean": v for k, v in r.items() if k.endswith(".mean")})
-    metrics.update({f"{r['task']}.relearn_lora_splits.ci.{k[:-3]}_minus_flu_{b}": v for k, ci in r.items()
-                    if k.endswith(".ci") and isinstance(ci, tuple) for b, v in zip(("low", "high"), ci)})
 metrics["relearn_splits"] = RELEARN_SPLITS
 metrics.update({f"{t}.{m}.paper_soft_prompt.{k}": v for (t, m), row in paper_soft.items() for k, v in row.items()})
 metrics["protocol"] = PROTOCOL

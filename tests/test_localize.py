@@ -59,6 +59,21 @@ def test_sports_facts_are_balanced_and_locate_the_queried_subject(tiny):
         assert fs.subject_pos[i][0] > 8, "must be the queried athlete, not the one-shot example"
 
 
+def test_a_fact_set_is_a_prompt_set_the_evaluator_scores(tiny, facts):
+    from mechunlearn_utils.data.prompts import PromptSet
+    from mechunlearn_utils.evaluate.suite import score_prompts
+
+    assert isinstance(facts, PromptSet) and facts.meta["task"] == "sports"
+    plain = PromptSet(list(facts.prompts), list(facts.candidates), list(facts.correct))
+    got, want = score_prompts(tiny, facts), score_prompts(tiny, plain)
+    np.testing.assert_allclose(got.p_correct, want.p_correct, atol=1e-6)
+    sub = facts.subset([2, 0])  # a subset keeps every field aligned
+    assert sub.prompts == [facts.prompts[2], facts.prompts[0]] and sub.task == facts.task
+    assert sub.input_ids.shape[0] == 2 and sub.subject_pos[0] == facts.subject_pos[2]
+    with pytest.raises(ValueError, match="same length"):
+        PromptSet(["a", "b"], [[" x", " y"]], [0, 0])
+
+
 def test_counterfact_facts_pair_true_and_new_objects(tiny):
     from mechunlearn_utils.data.datasets import load_counterfact
 

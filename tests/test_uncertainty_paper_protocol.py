@@ -10,7 +10,7 @@ import torch
 
 from mechunlearn_utils import attacks as A
 from mechunlearn_utils.data.prompts import PAPER_MCQ_ORDER, PAPER_SYSTEM_PROMPT, sport_prompts
-from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_verdict, diff_ci
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_columns, ci_metrics, ci_verdict, diff_ci
 
 ATHLETES = pd.DataFrame({
     "athlete": ["Michael Jordan", "LeBron James", "Babe Ruth", "Derek Jeter", "Tom Brady", "Peyton Manning",
@@ -53,6 +53,19 @@ def test_ci_verdict_rules():
     verdict, cis = ci_verdict({"flu": high, "ap": flu}, lower_is_better=False)
     assert verdict == "reproduced" and cis["ap"][0] > 0  # higher is better: FLU above AP
     assert ci_verdict({"ap": flu})[0] == "not measured"
+
+
+def test_ci_columns_and_metrics_carry_each_rivals_interval():
+    cis = {"ap": (0.12, 0.4), "ct": (-0.05, 0.2)}
+    cols = ci_columns(cis)
+    assert cols["ap-flu CI"] == "[+0.120, +0.400]" and cols["ct-flu CI"] == "[-0.050, +0.200]"
+    assert cols["cis"] == cis and cols["cis"] is not cis  # kept whole, not aliased
+    m = ci_metrics("athletes_to_sport", "relearn_lora", "inconclusive", cis)
+    assert m == {"verdict_ci.relearn_lora.athletes_to_sport": "inconclusive",
+                 "athletes_to_sport.relearn_lora.ci.ap_minus_flu_low": 0.12,
+                 "athletes_to_sport.relearn_lora.ci.ap_minus_flu_high": 0.4,
+                 "athletes_to_sport.relearn_lora.ci.ct_minus_flu_low": -0.05,
+                 "athletes_to_sport.relearn_lora.ci.ct_minus_flu_high": 0.2}
 
 
 # --------------------------------------------------------------------------- paper formats
@@ -130,7 +143,7 @@ def test_relearn_ci_frame_verdicts_and_plot():
     assert flu.ci_low <= flu.p_true <= flu.ci_high and flu.n == 6
     assert flu.p_true == pytest.approx(np.mean([0.1, 0.15, 0.1, 0.2, 0.1, 0.12]))
     v = A.relearn_ci_verdicts(res)
-    assert v.verdict.tolist() == ["reproduced"] and v["ap.ci"][0][0] > 0
+    assert v.verdict.tolist() == ["reproduced"] and v.cis[0]["ap"][0] > 0
     fig = A.plot_ci_bars(frame)
     assert len(fig.axes) == 1
 
@@ -167,7 +180,7 @@ def test_split_pooled_relearning_verdict_averages_each_athlete_over_its_held_out
             ("t", "ct"): [(s, [0.5 + 0.01 * i for i in range(6)]) for s in splits]}
     v = split_ci_verdicts(runs).iloc[0]
     assert v.verdict == "reproduced" and v.n_splits == 3 and v.n_athletes == 12
-    assert v["flu.mean"] == pytest.approx(0.01) and v["ap.ci"][0] > 0.7
+    assert v["flu.mean"] == pytest.approx(0.01) and v["cis"]["ap"][0] > 0.7
     runs[("t", "ap")] = [(s, [0.0] * 6) for s in splits]  # AP now holds better than FLU
     assert split_ci_verdicts(runs).iloc[0].verdict == "mixed"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_verdict, claim_verdict
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_columns, ci_verdict, claim_verdict
 
 
 def attack_records(results: dict, baseline: dict, prefix: str = "") -> list[dict]:
@@ -117,14 +117,13 @@ def relearn_ci_frame(results: dict, step: int = -1, level: float = 0.95) -> pd.D
 def relearn_ci_verdicts(results: dict, flu: str = "flu", rivals=("ap", "ct")) -> pd.DataFrame:
     """Per (task, variant): the verdict with intervals (`evaluate.verdicts.ci_verdict`) on the held-out
     athletes' p(true) after relearning (lower = the edit held): reproduced only when the paired CI of
-    (rival - FLU) lies above 0 for every rival. Columns task, variant, verdict, and per rival the CI."""
+    (rival - FLU) lies above 0 for every rival. Columns task, variant, verdict, and the CIs
+    (`evaluate.verdicts.ci_columns`)."""
     rows = []
     for (t, v) in dict.fromkeys((t, v) for t, _, v in results):
         per_fact = {m: r.heldout_by_athlete[-1] for (tt, m, vv), r in results.items() if (tt, vv) == (t, v)}
         verdict, cis = ci_verdict(per_fact, flu, rivals, lower_is_better=True)
-        rows.append(dict(task=t, variant=v, verdict=verdict,
-                         **{f"{r}-{flu} CI": f"[{lo:+.3f}, {hi:+.3f}]" for r, (lo, hi) in cis.items()},
-                         **{f"{r}.ci": (lo, hi) for r, (lo, hi) in cis.items()}))
+        rows.append(dict(task=t, variant=v, verdict=verdict, **ci_columns(cis, flu)))
     return pd.DataFrame(rows)
 
 
@@ -145,7 +144,7 @@ def split_ci_verdicts(runs: dict, flu: str = "flu", rivals=("ap", "ct"), seed: i
     halves: ``runs[(task, method)]`` is a list, one per split, of (held-out names, p(true) after
     relearning). Per athlete, the mean over the splits that held it out (`pooled_heldout`); then the
     paired bootstrap over athletes (`evaluate.verdicts.ci_verdict`). Columns task, n_splits,
-    n_athletes, verdict, per method the pooled mean, per rival the CI of (rival - FLU)."""
+    n_athletes, verdict, per method the pooled mean, the CIs of (rival - FLU) (`ci_columns`)."""
     rows = []
     for task in dict.fromkeys(t for t, _ in runs):
         pooled = {m: pooled_heldout(r) for (t, m), r in runs.items() if t == task}
@@ -157,8 +156,7 @@ def split_ci_verdicts(runs: dict, flu: str = "flu", rivals=("ap", "ct"), seed: i
         rows.append(dict(task=task, n_splits=max(len(r) for (t, _), r in runs.items() if t == task),
                          n_athletes=len(names), verdict=verdict,
                          **{f"{m}.mean": float(sum(v) / len(v)) for m, v in per_fact.items()},
-                         **{f"{r}-{flu} CI": f"[{lo:+.3f}, {hi:+.3f}]" for r, (lo, hi) in cis.items()},
-                         **{f"{r}.ci": (lo, hi) for r, (lo, hi) in cis.items()}))
+                         **ci_columns(cis, flu)))
     return pd.DataFrame(rows)
 
 

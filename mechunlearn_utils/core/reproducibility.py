@@ -28,6 +28,12 @@ import torch
 EVAL_ATOL = 1e-3
 
 
+def text_seed(*parts) -> int:
+    """A seed fixed by text alone (not by Python's per-process string hash): SHA-256 of the parts
+    joined by "|", first 48 bits. Per-fact noise in tracing, the option order of an MCQ item."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
 class WeightsChangedError(AssertionError):
     """The weights did not come back bit for bit; the message names the tensors that moved."""
 

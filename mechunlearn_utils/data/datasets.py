@@ -157,3 +157,14 @@ def load_general_text(path=None, min_chars: int = 200) -> list[str]:
     if not paras:
         raise DataError(f"{path} holds no paragraph of at least {min_chars} characters")
     return paras
+
+
+def balanced_sample(df: pd.DataFrame, n: int | None, by: str, seed: int = 0) -> pd.DataFrame:
+    """Up to `n` rows spread evenly over the values of column `by` (all rows when n is None)."""
+    if n is None or n >= len(df):
+        return df.reset_index(drop=True)
+    if n < 1:
+        raise ValueError(f"asked for {n} rows: need at least one")
+    shuffled = df.sample(frac=1.0, random_state=seed)
+    shuffled["_rank"] = shuffled.groupby(by).cumcount()
+    return shuffled.sort_values(["_rank", by]).head(n).drop(columns="_rank").reset_index(drop=True)

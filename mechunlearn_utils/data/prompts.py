@@ -15,8 +15,9 @@ index of the correct candidate. Evaluations normalize the model's probability ov
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
+
+from mechunlearn_utils.core.reproducibility import text_seed
 
 SPORTS = ("basketball", "baseball", "football")
 ONE_SHOT_ATHLETE, ONE_SHOT_SPORT = "Tiger Woods", "golf"
@@ -68,10 +69,6 @@ class PromptSet:
             raise ValueError("prompts, candidates and correct must have the same length")
 
 
-def _stable_seed(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-
-
 def mcq_block(question: str, options: list[str], answer_letter: str | None = None) -> str:
     """One multiple-choice item: question, A-D options, 'Answer:' (+ letter for a shot)."""
     lines = [f"Question: {question}"]
@@ -85,7 +82,7 @@ def shuffled_options(correct: str, distractors: list[str], key: str) -> tuple[li
     if len(distractors) != len(MCQ_LETTERS) - 1:
         raise ValueError(f"multiple choice needs exactly 3 distractors, got {len(distractors)}")
     options = [correct, *distractors]
-    order = sorted(range(4), key=lambda i: _stable_seed(f"{key}|{i}"))
+    order = sorted(range(4), key=lambda i: text_seed(key, i))
     options = [options[i] for i in order]
     return options, order.index(0)
 

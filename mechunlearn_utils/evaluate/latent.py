@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from mechunlearn_utils.core.paths import STEMS
 from mechunlearn_utils.data.prompts import sport_prompt
-from mechunlearn_utils.evaluate.probes import fit_probes, residuals_at
+from mechunlearn_utils.evaluate.probes import fit_probes, probe_accuracy, residuals_at
+from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict
 
 STEM = STEMS["latent"]
 POSITIONS = ("final", "subject")
@@ -101,11 +102,6 @@ def train_position_probes(features: dict[str, np.ndarray], labels, C: float = 0.
     return {pos: fit_probes(feats, labels, C=C, seed=seed) for pos, feats in features.items()}
 
 
-def _accuracy(probes: list, feats: np.ndarray, labels) -> np.ndarray:
-    labels = np.asarray(labels)
-    return np.array([float((p.predict(feats[l]) == labels).mean()) for l, p in enumerate(probes)])
-
-
 def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edit_labels=None) -> dict:
     """{position: {"true": acc[layer], "edit": acc[layer] or None}}.
 
@@ -117,8 +113,8 @@ def probe_curves(probes: dict, features: dict[str, np.ndarray], true_labels, edi
         classes = set(plist[0].classes_)
         edit = None
         if edit_labels is not None and set(edit_labels) <= classes:
-            edit = _accuracy(plist, features[pos], edit_labels)
-        out[pos] = {"true": _accuracy(plist, features[pos], true_labels), "edit": edit}
+            edit = probe_accuracy(plist, features[pos], edit_labels)
+        out[pos] = {"true": probe_accuracy(plist, features[pos], true_labels), "edit": edit}
     return out
 
 
@@ -258,8 +254,6 @@ def paper_latent_verdict(result: LatentResult, rivals=("ap", "ct"), seed: int = 
     """The latent claim (FLU edits leave less of the true sport readable than AP/CT edits) under the
     paper's protocol, with a paired bootstrap over the probed athletes of the per-athlete hits at the
     final token, middle layer (`evaluate.verdicts.ci_verdict`, lower is the paper's side)."""
-    from mechunlearn_utils.evaluate.verdicts import ci_verdict
-
     return ci_verdict(result.paper_correct, rivals=rivals, lower_is_better=True, seed=seed)
 
 
@@ -279,9 +273,7 @@ def flat_metrics(result: LatentResult, n_layers: int) -> dict:
         out[f"{t}.{m}.paper.final.true_correct_mid"] = v
     verdict, cis = paper_latent_verdict(result)
     if cis:  # the latent claim with intervals, in notebook 05's key form (workbook.results.attach_cis)
-        out[f"verdict_ci.latent_paper.{t}"] = verdict
-        for rival, (lo, hi) in cis.items():
-            out[f"{t}.latent_paper.ci.{rival}_minus_flu_low"], out[f"{t}.latent_paper.ci.{rival}_minus_flu_high"] = lo, hi
+        out.update(ci_metrics(t, "latent_paper", verdict, cis))
     for m, v in result.change.items():
         out[f"{t}.{m}.resid_change_by_layer"] = v
         out[f"{t}.{m}.resid_change"] = v[-1]

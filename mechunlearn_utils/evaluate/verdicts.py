@@ -74,6 +74,22 @@ def ci_verdict(per_fact: dict, flu: str = "flu", rivals=("ap", "ct"), lower_is_b
     return ("mixed" if any(wins) and any(losses) else "inconclusive"), cis
 
 
+def ci_columns(cis: dict, flu: str = "flu") -> dict:
+    """A verdict table's interval columns: per rival "<rival>-<flu> CI" as text, and ``cis`` (the
+    {rival: (low, high)} of `ci_verdict`) kept whole for `ci_metrics`."""
+    return {**{f"{r}-{flu} CI": f"[{lo:+.3f}, {hi:+.3f}]" for r, (lo, hi) in cis.items()}, "cis": dict(cis)}
+
+
+def ci_metrics(task: str, claim: str, verdict: str, cis: dict) -> dict:
+    """metrics.json entries of one verdict with intervals: ``verdict_ci.<claim>.<task>`` and per rival
+    ``<task>.<claim>.ci.<rival>_minus_flu_low`` / ``_high`` (the form `workbook.results.attach_cis`
+    reads; notebooks 04 and 05 write it)."""
+    out = {f"verdict_ci.{claim}.{task}": verdict}
+    for rival, (lo, hi) in cis.items():
+        out[f"{task}.{claim}.ci.{rival}_minus_flu_low"], out[f"{task}.{claim}.ci.{rival}_minus_flu_high"] = lo, hi
+    return out
+
+
 def above_chance(hits: int, n: int, chance: float, alpha: float = 0.05) -> dict:
     """Is an accuracy of `hits` / `n` above `chance`? Exact one-sided binomial test (scipy's
     `binomtest`, present with scikit-learn). -> {"accuracy", "chance", "p_value", "above", "n"}."""

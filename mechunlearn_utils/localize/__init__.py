@@ -22,14 +22,14 @@ Everything is re-exported here: ``from mechunlearn_utils import localize as lz; 
 from mechunlearn_utils.localize.common import *  # noqa: F401,F403
 from mechunlearn_utils.core.sites import (BACKENDS, HEAD_KINDS, MLP_KINDS, SITE_KINDS, PassCounter, RunResult,  # noqa: F401
                                           Site, add_rows, head_dim, replace_rows, run_sites)
-from mechunlearn_utils.localize.common import _batched, _fact_seed, _ld_metric, _softmax_p  # noqa: F401
+from mechunlearn_utils.localize.common import _batched, _ld_metric, _softmax_p  # noqa: F401
 from mechunlearn_utils.localize.tracing import *  # noqa: F401,F403
 from mechunlearn_utils.localize.attribution import *  # noqa: F401,F403
 from mechunlearn_utils.localize.attribution import _attr, _pearson, _ranks  # noqa: F401
 from mechunlearn_utils.localize.flu import *  # noqa: F401,F403
 from mechunlearn_utils.localize.flu import _attn_output, _candidate_logits, _mlp_output  # noqa: F401
 from mechunlearn_utils.localize.matching import *  # noqa: F401,F403
-from mechunlearn_utils.localize.matching import _MATRIX, _budget_check, _jsonable, _make, _matrix_params, _plain  # noqa: F401
+from mechunlearn_utils.localize.matching import _MATRIX, _budget_check, _make, _matrix_params  # noqa: F401
 from mechunlearn_utils.localize.report import *  # noqa: F401,F403
 from mechunlearn_utils.localize.report import _finite, _ranges  # noqa: F401
 from mechunlearn_utils.localize import attribution, common, flu, matching, report, tracing  # noqa: F401,E402

@@ -11,8 +11,7 @@ TransformerLens' ``hook_mlp_out``, after that norm).
 from __future__ import annotations
 
 import functools
-import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -22,6 +21,9 @@ from mechunlearn_utils.core.paths import STEMS
 from mechunlearn_utils.core.logits import logit_diff
 from mechunlearn_utils.core.sites import (BACKENDS, HEAD_KINDS, MLP_KINDS, SITE_KINDS, PassCounter,  # noqa: F401
                                           RunResult, Site, head_dim, run_sites)
+from mechunlearn_utils.core.reproducibility import text_seed
+from mechunlearn_utils.data.datasets import balanced_sample
+from mechunlearn_utils.data.prompts import PromptSet
 
 LOCALIZATIONS_DIR = (STEMS["localization"], "localizations")
 
@@ -37,28 +39,23 @@ class UnknownFactError(LocalizationError):
 
 # =========================================================================== facts
 
-@dataclass
-class FactSet:
-    """Prompts whose answer the model must give, with the subject's token positions.
+@dataclass(kw_only=True)
+class FactSet(PromptSet):
+    """A `data.prompts.PromptSet` (prompts, candidate answers, the right one) tokenized for
+    localization, with the subject's token positions: the evaluator scores it like any PromptSet.
 
     ``candidates[i]`` are answer strings (leading space) and ``correct[i]`` the index of the right
     one; the logit difference is logit(right) - mean logit(other candidates).
     """
 
     task: str
-    prompts: list[str]
     subjects: list[str]
-    candidates: list[list[str]]
-    correct: list[int]
     labels: list[str]
     input_ids: torch.Tensor = field(repr=False)
     attention_mask: torch.Tensor = field(repr=False)
     last_index: torch.Tensor = field(repr=False)
     subject_pos: list[list[int]] = field(repr=False)
     cand_ids: torch.Tensor = field(repr=False)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
 
     @property
     def correct_ids(self) -> torch.Tensor:
@@ -82,9 +79,10 @@ class FactSet:
         idx = list(idx)
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         t = torch.tensor(idx, dtype=torch.long)
-        return FactSet(self.task, pick(self.prompts), pick(self.subjects), pick(self.candidates),
-                       pick(self.correct), pick(self.labels), self.input_ids[t], self.attention_mask[t],
-                       self.last_index[t], pick(self.subject_pos), self.cand_ids[t])
+        return FactSet(pick(self.prompts), pick(self.candidates), pick(self.correct), dict(self.meta),
+                       task=self.task, subjects=pick(self.subjects), labels=pick(self.labels),
+                       input_ids=self.input_ids[t], attention_mask=self.attention_mask[t],
+                       last_index=self.last_index[t], subject_pos=pick(self.subject_pos), cand_ids=self.cand_ids[t])
 
 
 def make_facts(model, task: str, prompts: list[str], subjects: list[str], candidates: list[list[str]],
@@ -101,20 +99,10 @@ def make_facts(model, task: str, prompts: list[str], subjects: list[str], candid
     cand_ids = torch.tensor([[model.answer_token_id(c) for c in row] for row in candidates])
     subject_pos = [model.subject_positions(p, s) for p, s in zip(prompts, subjects)]
     labels = list(labels) if labels is not None else [c[i].strip() for c, i in zip(candidates, correct)]
-    return FactSet(task, list(prompts), list(subjects), [list(c) for c in candidates], list(correct),
-                   labels, batch["input_ids"].cpu(), batch["attention_mask"].cpu(),
-                   batch["last_index"].cpu(), subject_pos, cand_ids)
-
-
-def balanced_sample(df: pd.DataFrame, n: int | None, by: str, seed: int = 0) -> pd.DataFrame:
-    """Up to `n` rows spread evenly over the values of column `by` (all rows when n is None)."""
-    if n is None or n >= len(df):
-        return df.reset_index(drop=True)
-    if n < 1:
-        raise LocalizationError(f"asked for {n} facts: need at least one")
-    shuffled = df.sample(frac=1.0, random_state=seed)
-    shuffled["_rank"] = shuffled.groupby(by).cumcount()
-    return shuffled.sort_values(["_rank", by]).head(n).drop(columns="_rank").reset_index(drop=True)
+    return FactSet(list(prompts), [list(c) for c in candidates], list(correct), dict(task=task),
+                   task=task, subjects=list(subjects), labels=labels, input_ids=batch["input_ids"].cpu(),
+                   attention_mask=batch["attention_mask"].cpu(), last_index=batch["last_index"].cpu(),
+                   subject_pos=subject_pos, cand_ids=cand_ids)
 
 
 def sports_facts(model, athletes: pd.DataFrame, n: int | None = None, seed: int = 0) -> FactSet:
@@ -198,7 +186,7 @@ def gaussian_subject_noise(model, facts: FactSet, n_samples: int, scale: float, 
     F_, T = facts.input_ids.shape
     noise = torch.zeros((F_, n_samples, T, model.d_model))
     for i, pos in enumerate(facts.subject_pos):
-        gen = torch.Generator().manual_seed(_fact_seed(seed, facts.prompts[i]))
+        gen = torch.Generator().manual_seed(text_seed(seed, facts.prompts[i]))
         noise[i][:, pos] = torch.randn((n_samples, len(pos), model.d_model), generator=gen) * float(level[i])
     return noise
 
@@ -207,10 +195,6 @@ def special_token_ids(tokenizer) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(getattr(tokenizer, "added_tokens_decoder", {}).keys())
     return ids
-
-
-def _fact_seed(seed: int, text: str) -> int:
-    return int(hashlib.sha256(f"{seed}|{text}".encode()).hexdigest()[:12], 16)
 
 
 @functools.lru_cache(maxsize=4)
@@ -252,7 +236,7 @@ def corrupt_subject_tokens(model, facts: FactSet, seed: int = 0, pool: str = "as
         return len(tok.encode(tok.decode(row), add_special_tokens=False))
 
     for i, pos in enumerate(facts.subject_pos):
-        gen = torch.Generator().manual_seed(_fact_seed(seed, facts.prompts[i]))
+        gen = torch.Generator().manual_seed(text_seed(seed, facts.prompts[i]))
         real = facts.attention_mask[i].bool()
         target = n_tokens(facts.input_ids[i][real].tolist()) if same_length else None
         for _ in range(max(1, tries)):

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from mechunlearn_utils.core.models import canonical_name  # noqa: F401 (re-exported by localize)
-from mechunlearn_utils.localize.common import LOCALIZATIONS_DIR, LocalizationError, PassCounter, TracingResult
+from mechunlearn_utils.core.serialize import to_plain
+from mechunlearn_utils.localize.common import LOCALIZATIONS_DIR, LocalizationError, TracingResult
 from mechunlearn_utils.localize.flu import FLUResult
 
 ATTN_MATRICES = ("q", "k", "v", "o")
@@ -162,7 +163,7 @@ class Localization:
 
     # ---- files
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, default=_jsonable)
+        return json.dumps(to_plain(asdict(self)), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Localization":
@@ -209,29 +210,13 @@ def load_localizations(results_dir, task: str, model=None) -> dict:
     return {p.stem: Localization.load(results_dir, task, p.stem, model) for p in sorted(folder.glob("*.json"))}
 
 
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.generic,)):
-        return x.item()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, PassCounter):
-        return x.as_dict()
-    raise TypeError(f"cannot store {type(x)} in a localization file")
-
-
-def _plain(x):
-    return json.loads(json.dumps(x, default=_jsonable))
-
-
 def _make(model, method, task, mats: list[Matrix], scores=None, meta=None) -> Localization:
     if not mats:
         raise LocalizationError(f"localization {method!r} selects no parameter")
     params = _matrix_params(model, mats)
     names = named_parameters(model)
     return Localization(method, model.name, task, params, sum(names[p].numel() for p in params),
-                        _plain(scores or {}), _plain(meta or {}))
+                        to_plain(scores or {}), to_plain(meta or {}))
 
 
 def mlp_layers_localization(model, layers: list[int], method: str = "flu", task: str = "",

@@ -17,7 +17,7 @@ def balanced_maintain(athletes: pd.DataFrame, edited: str, per_sport: int = MAIN
                       seed: int = 0) -> pd.DataFrame:
     """The same number of athletes of every sport (at most `per_sport`, fewer when a sport has
     fewer), drawn with `seed` from the known athletes other than `edited`."""
-    from mechunlearn_utils.localize.common import balanced_sample
+    from mechunlearn_utils.data.datasets import balanced_sample
 
     pool = athletes[athletes.athlete != edited]
     per = min(per_sport, int(pool.groupby("sport").size().min()))

@@ -11,8 +11,8 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 
+from mechunlearn_utils.core.serialize import to_plain
 from mechunlearn_utils.core.paths import DATA_DIR, STEMS, MissingResultsError, atomic_write_text  # noqa: F401 (re-exported)
 from mechunlearn_utils.evaluate.verdicts import claim_verdict  # noqa: F401 (re-exported: notebook 07)
 
@@ -24,20 +24,6 @@ def notebook_dir(results_dir, stem: str) -> Path:
     path = Path(results_dir) / stem
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _plain(value):
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"metric value {value} is not finite")
-    if not isinstance(value, (str, int, float, bool, list, type(None))):
-        raise TypeError(f"metric values must be numbers, strings, bools or lists, got {type(value)}")
-    return value
 
 
 def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
@@ -54,7 +40,7 @@ def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
     for key, value in metrics.items():
         if isinstance(value, dict):
             raise TypeError(f"metrics must be flat: {key!r} holds a dict (flatten it: '{key}.sub')")
-        flat[str(key)] = _plain(value)
+        flat[str(key)] = to_plain(value, finite=True, dicts=False)
     path = notebook_dir(results_dir, stem) / "metrics.json"
     atomic_write_text(path, json.dumps(flat, indent=1, sort_keys=True))
     return path
