@@ -196,7 +196,9 @@ def eval_kwargs(task):
     return dict(heldout_text=heldout_text, unrelated_facts=unrelated_facts(task, facts, N_UNRELATED))
 
 
-base_rows = {name: evaluate_task(model, t, **eval_kwargs(t)) for name, t in tasks.items()}
+each = {}  # (task, method) -> {measure: per-fact values}, for intervals over facts (notebook 07)
+base_rows = {name: evaluate_task(model, t, **eval_kwargs(t), per_fact=each.setdefault((name, "base"), {}))
+             for name, t in tasks.items()}
 pd.DataFrame(base_rows).round(3)
 
 # %% [markdown]
@@ -264,7 +266,8 @@ for name, task in tasks.items():
         cfg = edit_config(**setting(task, method))
         path = OUT / "edits" / name / method
         results[name, method], res = edit_and_evaluate(
-            model, loc.params, task, train_text, cfg, eval_kwargs(task), save_path=path,
+            model, loc.params, task, train_text, cfg,
+            {**eval_kwargs(task), "per_fact": each.setdefault((name, method), {})}, save_path=path,
             meta=dict(method=method, localization_n_params=loc.n_params))
         histories[name, method] = pd.DataFrame(res.history)
 
@@ -353,7 +356,9 @@ print("base weights bit-identical after every edit:", True)
 # unedited model as method `base`, `<task>.<method>.lr` / `.forget_coef` (the settings used), and
 # `sweep.<task>.<method>.lr` / `.forget_coef` / `.forget_p_true` / `.maintain_p_true`: lists, one
 # entry per setting tried, best first; `weights_restored` (every base weight bit-identical at the end);
-# `protocol` and the sizes it ran with (`steps`, `batch_size`, `lm_batch`, `lm_context`, `lm_positions`, `lm_pool`).
+# `protocol` and the sizes it ran with (`steps`, `batch_size`, `lm_batch`, `lm_context`, `lm_positions`, `lm_pool`);
+# `<task>.<method>.per_fact.<forget|maintain>.<format>.p_true`: lists, the value of each evaluated fact
+# (the bootstrap intervals of notebook 07's generalization and maintain claims resample them).
 
 # %%
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "protocol": PROTOCOL, "steps": STEPS,
@@ -370,5 +375,6 @@ SWEPT = ("lr", "forget_coef", "forget_p_true", "maintain_p_true")
 sweep_table = pd.DataFrame(sweep_rows, columns=["task", "method", *SWEPT])
 for (name, method), tried in sweep_table.groupby(["task", "method"]):
     metrics.update({f"sweep.{name}.{method}.{c}": tried[c].astype(float).tolist() for c in SWEPT})
+metrics.update({f"{name}.{method}.per_fact.{k}": v for (name, method), d in each.items() for k, v in d.items()})
 metrics["seconds_total"] = time.perf_counter() - t_start
 write_metrics(RESULTS_DIR, STEM, metrics)

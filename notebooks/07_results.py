@@ -52,7 +52,7 @@ import seaborn as sns
 from mechunlearn_utils.workbook.notebook import start
 from mechunlearn_utils.viz.plotting import pareto_plot
 from mechunlearn_utils.workbook.results import (PAPER_TABLE_OF_TASK, MissingResultsError, attach_cis, claim_verdict,
-                                               latent_position, load_paper_results, metrics_long, notebook_dir,
+                                               latent_position, per_fact_cis, load_paper_results, metrics_long, notebook_dir,
                                                read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
                                                write_metrics)
 
@@ -167,12 +167,13 @@ pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 # %% [markdown]
 # **Intervals.** Where a claim's input keeps one value per fact (notebook 05's held-out athletes
 # after LoRA relearning, pooled over several splits of the forget set when 05 ran them, `ci source`;
-# notebook 04's per-athlete hits of the paper's probes), that notebook computed a paired bootstrap
+# notebook 04's per-athlete hits of the paper's probes; notebook 03's p(true) of each evaluated fact,
+# for generalization and maintain, bootstrapped here), a paired bootstrap
 # 95% interval of (rival - FLU) and a second verdict from it: *reproduced* only when every interval lies above 0
 # (FLU holds better), *not reproduced* when every one lies below, *inconclusive* when one covers 0.
 
 # %%
-with_ci = attach_cis(verdicts, {**attacks, **probes})
+with_ci = attach_cis(verdicts, {**per_fact_cis(verdicts, edits), **attacks, **probes})
 without = sorted({v["id"] for v in verdicts} - set(with_ci))
 print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of {without}, so no interval there")
 

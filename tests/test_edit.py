@@ -107,9 +107,15 @@ def test_diverging_loss_stops_and_keeps_last_good_weights(tiny, athletes, text):
 
 def test_evaluate_task_reports_every_measure(tiny, athletes):
     task = make_task("sport_to_golf", athletes=athletes, sport="basketball", n_maintain=6)
-    out = evaluate_task(tiny, task, formats=("normal", "question"))
+    each = {}
+    out = evaluate_task(tiny, task, formats=("normal", "question"), per_fact=each)
     for key in ("forget.normal.p_true", "forget.normal.p_target", "maintain.question.acc_true"):
         assert 0 <= out[key] <= 1
+    assert sorted(each) == ["forget.normal.p_true", "forget.question.p_true", "maintain.normal.p_true",
+                            "maintain.question.p_true"]
+    for key, values in each.items():  # one value per evaluated fact; their mean is the reported measure
+        split = task.eval_forget if key.startswith("forget") else task.eval_maintain
+        assert len(values) == len(split) and sum(values) / len(values) == pytest.approx(out[key], abs=1e-9)
     assert len(task.eval_forget) + len(task.train_forget) == (athletes.sport == "basketball").sum()
     assert set(task.eval_forget.athlete).isdisjoint(task.train_forget.athlete)
 

@@ -166,6 +166,26 @@ def test_attach_cis_only_where_05_has_intervals():
     assert again[0]["verdict_ci"] == "reproduced" and again[0]["ci source"] == "relearn_lora_splits"
 
 
+def test_per_fact_cis_give_03s_claims_intervals_on_the_papers_side():
+    from mechunlearn_utils.workbook.results import attach_cis, per_fact_cis
+
+    lo, hi = [0.01, 0.02, 0.0, 0.03, 0.01, 0.02], [0.5, 0.6, 0.4, 0.7, 0.5, 0.6]
+    edits = {"t.flu.per_fact.forget.question.p_true": lo, "t.ap.per_fact.forget.question.p_true": hi,
+             "t.ct.per_fact.forget.question.p_true": hi,
+             "t.flu.per_fact.maintain.normal.p_true": lo, "t.ap.per_fact.maintain.normal.p_true": hi,
+             "t.ct.per_fact.maintain.normal.p_true": hi}
+    verdicts = [dict(id="generalizes", task="t", measure="forget.question.p_true", verdict="reproduced"),
+                dict(id="side_effects_maintain", task="t", measure="maintain.normal.p_true", verdict="x"),
+                dict(id="side_effects_lm", task="t", measure="side.lm_loss - base", verdict="x")]
+    cis = per_fact_cis(verdicts, edits)
+    assert cis["verdict_ci.generalizes.t"] == "reproduced"  # FLU forgets more in the unseen format
+    assert cis["verdict_ci.side_effects_maintain.t"] == "not reproduced"  # and keeps less (higher is better)
+    assert cis["t.generalizes.ci.ap_minus_flu_low"] > 0.3 and cis["t.side_effects_maintain.ci.ct_minus_flu_high"] < -0.3
+    assert attach_cis(verdicts, cis) == ["generalizes", "side_effects_maintain"]
+    assert "verdict_ci" not in verdicts[2]  # no per-fact values for the LM loss: no interval
+    assert per_fact_cis(verdicts, {}) == {}  # an older 03 run without per-fact values
+
+
 def test_split_pooled_relearning_verdict_averages_each_athlete_over_its_held_out_splits():
     from mechunlearn_utils.attacks import pooled_heldout, split_ci_verdicts
 

@@ -116,8 +116,9 @@ def measure_answers(model, psets: dict[str, PromptSet], batch_size: int = 32) ->
 
     `psets` maps a label to a PromptSet; all must share prompts and candidates and differ only
     in which candidate is correct. Returns {label: {"p": mean normalized p, "acc": argmax hits,
-    "p_raw": mean raw p over the whole vocabulary}} (raw: the paper's CounterFact measure, the
-    first-token probability of the object, `tasks` facts/CounterFactTask.py).
+    "p_raw": mean raw p over the whole vocabulary, "p_each": the normalized p of each prompt}}
+    (raw: the paper's CounterFact measure, the first-token probability of the object, `tasks`
+    facts/CounterFactTask.py; `p_each`: what a bootstrap over facts resamples).
     """
     first = next(iter(psets.values()))
     for label, ps in psets.items():
@@ -129,7 +130,7 @@ def measure_answers(model, psets: dict[str, PromptSet], batch_size: int = 32) ->
         p = [float(normalized(lp)[c]) for lp, c in zip(logps, ps.correct)]
         hit = [int(np.argmax(lp)) == c for lp, c in zip(logps, ps.correct)]
         raw = [float(np.exp(lp[c])) for lp, c in zip(logps, ps.correct)]
-        out[label] = {"p": float(np.mean(p)), "acc": float(np.mean(hit)), "p_raw": float(np.mean(raw))}
+        out[label] = {"p": float(np.mean(p)), "acc": float(np.mean(hit)), "p_raw": float(np.mean(raw)), "p_each": p}
     return out
 
 
@@ -175,7 +176,8 @@ def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size:
 
 
 def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_text: list[str] | None = None,
-                  unrelated_facts: pd.DataFrame | None = None, lm_context: int = 64) -> dict:
+                  unrelated_facts: pd.DataFrame | None = None, lm_context: int = 64,
+                  per_fact: dict | None = None) -> dict:
     """Every measure of the paper's suite for one (edited) model on one task, as a flat dict.
 
     Sports: ``forget.<fmt>.p_true`` / ``.acc_true`` (lower = the edit held), ``forget.<fmt>.p_target``
@@ -184,8 +186,11 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
     the paper's raw measure ``forget.<fmt>.p_raw_true`` / ``maintain.<fmt>.p_raw_true`` (p of the
     true object's token over the whole vocabulary, not renormalized over the candidates).
     Side effects: ``side.lm_loss`` on held-out text, ``side.unrelated_acc`` on facts not edited.
+    `per_fact`: a dict to fill with each ``*.p_true`` measure's value per fact (a list in the
+    order of the task's eval rows), for bootstrap intervals over facts (`evaluate.verdicts`).
     """
     out: dict[str, float] = {}
+    each: dict[str, list] = per_fact if per_fact is not None else {}
     if task.kind == "sports":
         cands = EDIT_CANDIDATES
         cols = ["sport", "target"] if task.mode == "edit" else ["sport"]
@@ -196,6 +201,7 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
                 out[f"forget.{fmt}.p_target"] = r["target"]["p"]
             m = sports_measure(model, task.eval_maintain, "sport", fmt, cands)
             out[f"maintain.{fmt}.p_true"], out[f"maintain.{fmt}.acc_true"] = m["p"], m["acc"]
+            each[f"forget.{fmt}.p_true"], each[f"maintain.{fmt}.p_true"] = r["sport"]["p_each"], m["p_each"]
     else:
         for fmt in ("prompt", "paraphrase", "mcq"):
             r = counterfact_measure(model, task.eval_forget, fmt, ["target_true", "target_new"])
@@ -205,6 +211,7 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
             m = counterfact_measure(model, task.eval_maintain, fmt)
             out[f"maintain.{fmt}.p_true"], out[f"maintain.{fmt}.acc_true"] = m["p"], m["acc"]
             out[f"maintain.{fmt}.p_raw_true"] = m["p_raw"]
+            each[f"forget.{fmt}.p_true"], each[f"maintain.{fmt}.p_true"] = r["target_true"]["p_each"], m["p_each"]
         out["neighborhood.p_true"] = counterfact_measure(model, task.eval_forget, "neighborhood")["p"]
     if heldout_text:
         out["side.lm_loss"] = lm_loss_on_text(model, heldout_text, lm_context)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mechunlearn_utils.core.serialize import to_plain
 from mechunlearn_utils.core.paths import DATA_DIR, STEMS, MissingResultsError, atomic_write_text  # noqa: F401 (re-exported)
-from mechunlearn_utils.evaluate.verdicts import claim_verdict  # noqa: F401 (re-exported: notebook 07)
+from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict, claim_verdict  # noqa: F401 (claim_verdict re-exported: 07)
 
 # Which notebook produces which results directory: used to tell the user what to run.
 NOTEBOOK_OF = {stem: f"notebooks/{stem}.py" for stem in STEMS.values()}
@@ -218,9 +218,33 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 # Claims whose inputs carry per-fact values, and where their bootstrap verdict lives: notebook 05 keeps the
 # held-out athletes' p(true) after LoRA relearning (`verdict_ci.relearn_lora.<task>`,
 # `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`); notebook 04 the per-athlete hits of the paper's
-# probes (`verdict_ci.latent_paper.<task>`, ...). The other claims' notebooks keep only means. Per claim, the
-# sources in order of preference: the relearning verdict pooled over several splits first, when 05 ran them.
-CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",)}
+# probes (`verdict_ci.latent_paper.<task>`, ...); notebook 03 each evaluated fact's p(true), from which
+# `per_fact_cis` makes the verdicts of generalization and maintain. Per claim, the sources in order of
+# preference: the relearning verdict pooled over several splits first, when 05 ran them.
+CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",),
+              "generalizes": ("generalizes",), "side_effects_maintain": ("side_effects_maintain",)}
+
+# Claims of notebook 03 whose per-fact values it keeps (`<task>.<method>.per_fact.<measure>`, the measure of
+# 07's verdict row): is lower the paper's side? Generalization: the forget p(true) in an unseen format;
+# side effects: the maintain p(true) (higher is better).
+PER_FACT_CLAIMS = {"generalizes": True, "side_effects_maintain": False}
+
+
+def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CLAIMS,
+                 methods=("flu", "ap", "ct")) -> dict:
+    """The paired bootstrap verdicts (`evaluate.verdicts.ci_verdict`) of notebook 03's claims from the
+    per-fact values 03 keeps, as metrics in the key form of notebooks 04 and 05 (`ci_metrics`), for
+    `attach_cis`. Verdict rows without per-fact values (an older 03 run) get none."""
+    out = {}
+    for v in verdicts:
+        if v["id"] not in claims:
+            continue
+        keys = {m: f"{v['task']}.{m}.per_fact.{v['measure']}" for m in methods}
+        per = {m: metrics[k] for m, k in keys.items() if k in metrics}
+        verdict, cis = ci_verdict(per, lower_is_better=claims[v["id"]])
+        if cis:
+            out.update(ci_metrics(v["task"], v["id"], verdict, cis))
+    return out
 
 
 def attach_cis(verdicts: list[dict], metrics: dict, sources: dict = CI_SOURCES, rivals=("ap", "ct")) -> list[str]:
