@@ -52,8 +52,8 @@ import seaborn as sns
 from mechunlearn_utils.workbook.notebook import start
 from mechunlearn_utils.viz.plotting import pareto_plot
 from mechunlearn_utils.workbook.results import (PAPER_TABLE_OF_TASK, MissingResultsError, attach_cis, claim_verdict,
-                                               latent_position, per_fact_cis, load_paper_results, metrics_long, notebook_dir,
-                                               read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
+                                               latent_position, load_paper_results, metrics_long, notebook_dir,
+                                               paper_numbers, per_fact_cis, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
                                                write_metrics)
 
 STEM = "07_results"
@@ -246,6 +246,8 @@ check_verdict(my_verdict)
 # *Predict:* from the sections above, which claims will come out "reproduced" on this model?
 
 # %%
+for v in verdicts:  # the paper's numbers for the same measure, where its tables report it
+    v["paper"] = paper_numbers(paper, v["task"], v["measure"])
 verdict_table = pd.DataFrame(verdicts)
 verdict_table.to_csv(notebook_dir(RESULTS_DIR, STEM) / "verdicts.csv", index=False)
 verdict_table

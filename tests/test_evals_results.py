@@ -43,6 +43,7 @@ def test_metrics_roundtrip_and_validation(tmp_path):
     got = read_metrics(tmp_path, "00_x")
     assert got.pop("dtype") in ("none", "float32", "bfloat16")  # what this process's model ran in
     assert isinstance(got.pop("torch_threads"), int)  # CPU threads of this process
+    assert got.pop("git_commit")  # the code that ran ("unknown" outside a git checkout)
     assert got == {"a": 1.5, "b": [1, 2], "c": 0.25}
     with pytest.raises(TypeError, match="flat"):
         write_metrics(tmp_path, "00_x", {"a": {"b": 1}})
@@ -155,3 +156,34 @@ def test_report_script_localization_and_depth_tables(tmp_path):
     text = report(tmp_path)
     assert "02 localizations" in text and "| 2, 3" in text and "123" in text
     assert "02b depth sweep" in text and "MLPs 14-17" in text and "0.0061" in text and "0.826" in text
+
+
+def test_report_script_relearning_curves_verdict_columns_and_readme_block(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    import pandas as pd
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "report_results.py"))
+    write_metrics(tmp_path, "05_attacks", {"t.flu.relearn_lora.steps": [0, 20],
+                                           "t.flu.relearn_lora.forget_p_true_by_step": [0.01, 0.25],
+                                           "t.flu.relearn_lora.train_p_true_by_step": [0.02, 0.99],
+                                           "seconds_total": 5.0})
+    (tmp_path / "07_results").mkdir()
+    pd.DataFrame([dict(id="relearning", claim="2 resists relearning", task="t", measure="m", verdict="mixed",
+                       numbers="FLU 0.1 vs ap 0.2", paper="FLU 0.2 vs ap 0.8", verdict_ci="reproduced",
+                       **{"ci (rival - flu)": "ap [+0.100, +0.300]", "ci source": "relearn_lora"})]).to_csv(
+        tmp_path / "07_results" / "verdicts.csv", index=False)
+    text = mod["report"](tmp_path)
+    assert "| t      | flu      | relearn_lora | 0.010 / 0.020 | 0.250 / 0.990 |" in text  # held-out / trained
+    assert "FLU 0.2 vs ap 0.8" in text and "ap [+0.100, +0.300]" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report_results: begin (generated) -->\nold\n<!-- report_results: end -->\nrest\n")
+    mod["main"]([str(tmp_path), "--readme", str(readme)])
+    new = readme.read_text()
+    assert new.startswith("intro\n<!-- report_results: begin (generated) -->\n") and new.endswith("end -->\nrest\n")
+    assert "old" not in new and "#### 07 verdicts" in new and "relearning: forget" not in new  # headline only
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="report_results"):
+        mod["main"]([str(tmp_path), "--readme", str(readme)])
+

@@ -30,13 +30,15 @@ def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
     """Write a flat metrics dict to RESULTS_DIR/<stem>/metrics.json atomically; returns the path.
 
     Adds ``dtype``: what the model of this process ran in (`core.precision.loaded_dtype`: float32 or
-    bfloat16; "none" when no model was loaded), and ``torch_threads`` (fp32 sums can round
-    differently with another thread count), unless `metrics` has them."""
+    bfloat16; "none" when no model was loaded), ``torch_threads`` (fp32 sums can round
+    differently with another thread count) and ``git_commit`` (the code that ran,
+    `core.paths.git_commit`), unless `metrics` has them."""
     import torch
 
+    from mechunlearn_utils.core.paths import git_commit
     from mechunlearn_utils.core.precision import loaded_dtype
 
-    flat = {"dtype": loaded_dtype() or "none", "torch_threads": torch.get_num_threads()}
+    flat = {"dtype": loaded_dtype() or "none", "torch_threads": torch.get_num_threads(), "git_commit": git_commit()}
     for key, value in metrics.items():
         if isinstance(value, dict):
             raise TypeError(f"metrics must be flat: {key!r} holds a dict (flatten it: '{key}.sub')")
@@ -142,6 +144,16 @@ def side_by_side(ours, paper):
     return merged.rename(columns={"value_ours": "ours", "value_paper": "paper"})
 
 
+def paper_numbers(paper, task: str, measure: str, methods=("flu", "ap", "ct")) -> str:
+    """The paper's values of one measure for FLU and its rivals on a task, in `claim_verdict`'s words
+    ("FLU 0.010 vs ap 0.590, ct 0.280"); "" when the paper does not report that measure there."""
+    rows = paper[(paper.table == PAPER_TABLE_OF_TASK.get(task)) & (paper.measure == measure)]
+    vals = dict(zip(rows.method, rows.value))
+    if methods[0] not in vals:
+        return ""
+    return f"FLU {vals[methods[0]]:.3f} vs " + ", ".join(f"{m} {vals[m]:.3f}" for m in methods[1:] if m in vals)
+
+
 def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "relearn20.normal.p_true",
                                side: str = "side.lm_loss"):
     """One row per (task, method) measured in both: the attack's forget p(true) (`robustness`, lower =
@@ -154,7 +166,7 @@ def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "rele
     return out.dropna().reset_index(drop=True)
 
 
-TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step", "torch_threads")  # not results: how the run ran
+TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step", "torch_threads", "git_commit")  # how the run ran
 
 
 def _numbers(value) -> list[float] | None:
