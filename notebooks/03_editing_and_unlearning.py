@@ -82,6 +82,7 @@ from mechunlearn_utils import load_model
 from mechunlearn_utils.data.datasets import load_general_text
 from mechunlearn_utils.edit.train import PAPER_SWEEP, EditConfig, edit_and_evaluate, protocol_table, sweep
 from mechunlearn_utils.evaluate.suite import evaluate_task
+from mechunlearn_utils.evaluate.verdicts import spread_table
 from mechunlearn_utils.localize import load_localizations
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.viz.plotting import edit_summary_plot
@@ -285,7 +286,8 @@ for name in tasks:
     display(table.loc[name, cols].dropna(axis=1, how="all").round(3))
 
 # %% [markdown]
-# Forget (training format) against maintain and against the formats the edit never saw. Left
+# Forget (training format) against maintain and against the formats the edit never saw (bars: 95%
+# bootstrap intervals over the evaluated facts, `evaluate.verdicts.spread_table`). Left
 # panel: the good corner is top-left (old answer gone, other facts kept). Middle panel: a method
 # in the bottom-left (forgotten in the training format *and* in the unseen one) changed the
 # *knowledge*, not just one phrasing; one at the top-left (low on the x axis, high on the y
@@ -295,7 +297,8 @@ for name in tasks:
 
 # %%
 for name, task in tasks.items():
-    fig = edit_summary_plot(table.loc[name].drop(index="(base)"), task.kind, title=f"{MODEL}: {name}")
+    spread = spread_table({k: v for k, v in each.items() if k[0] == name and k[1] != "base"})
+    fig = edit_summary_plot(table.loc[name].drop(index="(base)"), task.kind, title=f"{MODEL}: {name}", spread=spread)
     save_figure(fig, RESULTS_DIR, STEM, f"summary_{name}")
 
 # %% [markdown]

@@ -51,9 +51,10 @@ import seaborn as sns
 
 from mechunlearn_utils.workbook.notebook import start
 from mechunlearn_utils.viz.plotting import pareto_plot
+from mechunlearn_utils.evaluate.verdicts import spread_table
 from mechunlearn_utils.workbook.results import (PAPER_TABLE_OF_TASK, MissingResultsError, attach_cis, claim_verdict,
                                                latent_position, load_paper_results, metrics_long, notebook_dir,
-                                               paper_numbers, per_fact_cis, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
+                                               paper_numbers, per_fact_cis, per_fact_values, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
                                                write_metrics)
 
 STEM = "07_results"
@@ -183,13 +184,15 @@ print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of
 # measures where the paper reports them (sport_to_golf in the training format; its other tables
 # report MCQ, which this model cannot answer). Every method has its own colour and marker. Top-left
 # is best: forget p(true) low on the x axis (old answer gone; a log axis, since edits drive it to
-# ~0), maintain high on the y axis (other facts kept).
+# ~0), maintain high on the y axis (other facts kept). The bars are 95% bootstrap intervals over the
+# evaluated facts (from notebook 03's per-fact values): two methods whose bars overlap are not told
+# apart by this many facts.
 #
 # *Predict:* where will the nonlocalized edit sit, and where the unedited model (`base`)?
 
 # %%
 paper_by_task = paper.assign(task=paper.table.map({v: k for k, v in PAPER_TABLE_OF_TASK.items()}))
-fig = pareto_plot(ours, paper_by_task)
+fig = pareto_plot(ours, paper_by_task, spread=spread_table(per_fact_values(edits)))
 save_figure(fig, RESULTS_DIR, STEM, "pareto_forget_maintain")
 
 # %% [markdown]

@@ -114,3 +114,25 @@ def test_pareto_plot_gives_each_method_a_marker_clips_at_the_floor_and_draws_the
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["flu", "ap", "ct", "flu (paper)"]
     with pytest.raises(ValueError, match="no task"):
         pareto_plot(ours.iloc[:0])
+
+
+def test_pareto_plot_draws_each_methods_interval_over_facts():
+    from mechunlearn_utils.evaluate.verdicts import spread_table
+    from mechunlearn_utils.viz.plotting import FORGET_FLOOR, pareto_plot
+
+    each = {("t", "flu"): {"forget.normal.p_true": [0.0, 0.0, 0.1, 0.3], "maintain.normal.p_true": [0.8, 0.9, 1.0, 0.9]},
+            ("t", "ap"): {"forget.normal.p_true": [0.5, 0.5, 0.5, 0.5], "maintain.normal.p_true": [0.7, 0.7, 0.7, 0.7]}}
+    spread = spread_table(each)
+    assert set(spread.columns) == {"task", "method", "measure", "mean", "low", "high"} and len(spread) == 4
+    flu = spread[(spread.method == "flu") & (spread.measure == "forget.normal.p_true")].iloc[0]
+    assert flu["mean"] == pytest.approx(0.1) and flu.low < 0.1 < flu.high
+    ours = spread.rename(columns={"mean": "value"})[["task", "method", "measure", "value"]]
+    fig = pareto_plot(ours, spread=spread)
+    bars = [c for c in fig.axes[0].containers if c.has_xerr]
+    assert len(bars) == 2  # one per method, in the plot order flu, ap
+    (xbar,) = bars[0].lines[2][0].get_segments()
+    assert xbar[0][0] == pytest.approx(max(flu.low, FORGET_FLOOR)) and xbar[1][0] == pytest.approx(flu.high)
+    (ap_bar,) = bars[1].lines[2][0].get_segments()
+    assert ap_bar[0][0] == pytest.approx(ap_bar[1][0]) == pytest.approx(0.5)  # AP's facts agree: no width
+    assert len(pareto_plot(ours).axes[0].containers) == 0  # no spread given: no bars
+

@@ -74,6 +74,17 @@ def ci_verdict(per_fact: dict, flu: str = "flu", rivals=("ap", "ct"), lower_is_b
     return ("mixed" if any(wins) and any(losses) else "inconclusive"), cis
 
 
+def spread_table(per_fact: dict, level: float = 0.95, seed: int = 0):
+    """The spread of each per-fact mean: ``per_fact[(task, method)] = {measure: values}`` -> a long
+    table task, method, measure, mean, low, high (`bootstrap_ci` over the facts), for error bars."""
+    import pandas as pd
+
+    rows = [dict(task=t, method=m, measure=k, mean=float(np.mean(v)), **dict(zip(("low", "high"),
+                                                                             bootstrap_ci(v, seed=seed, level=level))))
+            for (t, m), d in per_fact.items() for k, v in d.items() if len(v)]
+    return pd.DataFrame(rows, columns=["task", "method", "measure", "mean", "low", "high"])
+
+
 def ci_columns(cis: dict, flu: str = "flu") -> dict:
     """A verdict table's interval columns: per rival "<rival>-<flu> CI" as text, and ``cis`` (the
     {rival: (low, high)} of `ci_verdict`) kept whole for `ci_metrics`."""

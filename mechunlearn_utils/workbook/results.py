@@ -242,6 +242,16 @@ CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_pap
 PER_FACT_CLAIMS = {"generalizes": True, "side_effects_maintain": False}
 
 
+def per_fact_values(metrics: dict) -> dict:
+    """Notebook 03's per-fact lists (`<task>.<method>.per_fact.<measure>`) as {(task, method): {measure: values}}."""
+    out: dict = {}
+    for key, value in metrics.items():
+        task, method, rest = (key.split(".", 2) + ["", ""])[:3]
+        if rest.startswith("per_fact.") and isinstance(value, list):
+            out.setdefault((task, method), {})[rest[len("per_fact."):]] = value
+    return out
+
+
 def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CLAIMS,
                  methods=("flu", "ap", "ct")) -> dict:
     """The paired bootstrap verdicts (`evaluate.verdicts.ci_verdict`) of notebook 03's claims from the
