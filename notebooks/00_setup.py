@@ -62,7 +62,8 @@ from mechunlearn_utils.evaluate.known import filter_known_athletes, filter_known
 from mechunlearn_utils.evaluate.verdicts import above_chance
 from mechunlearn_utils.evaluate.suite import score_prompts, sports_recall, summarize
 from mechunlearn_utils.workbook.notebook import KNOWN_ATHLETES_FILE, KNOWN_FACTS_FILE, start
-from mechunlearn_utils.data.prompts import PAPER_SPORT_FORMATS, SPORT_FORMATS, counterfact_prompts, sport_prompts
+from mechunlearn_utils.data.prompts import (PAPER_CF_MCQ_SHOTS, PAPER_SPORT_FORMATS, SPORT_FORMATS, counterfact_prompts,
+                                            sport_prompts)
 from mechunlearn_utils.workbook.results import notebook_dir, save_figure, write_metrics
 
 STEM = "00_setup"
@@ -245,6 +246,26 @@ cf_recall = {fmt: summarize(score_prompts(model, counterfact_prompts(known_facts
 pd.DataFrame(cf_recall).T.round(3)
 
 # %% [markdown]
+# ### The paper's CounterFact multiple choice
+# The paper asks CounterFact facts as A-D questions in its own words (*"Help me answer the following
+# multiple choice question: ... Please respond with the letter of the correct answer, A, B, C, or D.
+# Answer:"*) after **16** answered questions about other facts (`prompts.PAPER_CF_MCQ_FORMAT`; it takes
+# them from the last rows of its table). We do the same with the last 16 facts of our file and ask
+# every other known fact, next to our one-shot MCQ on the same facts, with the same binomial test.
+
+# %%
+cf_shots = facts.tail(4 if SMOKE else PAPER_CF_MCQ_SHOTS)
+asked = known_facts[~known_facts.subject.isin(cf_shots.subject)].reset_index(drop=True)
+cf_formats = {"mcq": score_prompts(model, counterfact_prompts(asked, "mcq")),
+              "paper_mcq": score_prompts(model, counterfact_prompts(asked, "paper_mcq", shots=cf_shots))}
+cf_formats_test = {f: {**above_chance(int(sc.hit.sum()), len(sc), 0.25), "mean_p_norm": float(sc.p_norm.mean()),
+                       "n_shots": 1 if f == "mcq" else len(cf_shots)} for f, sc in cf_formats.items()}
+pc = cf_formats_test["paper_mcq"]
+print(f"the paper's CounterFact MCQ ({len(cf_shots)} shots) on {pc['n']} known facts: accuracy {pc['accuracy']:.3f} "
+      f"vs chance 0.25, binomial p = {pc['p_value']:.2g}: {'ABOVE' if pc['above'] else 'NOT above'} chance on {MODEL}")
+pd.DataFrame(cf_formats_test).T
+
+# %% [markdown]
 # ## 6 · What this tells us
 # The numbers printed above decide how the rest of the workbook reads. Two questions, answered
 # from this run by the cell below:
@@ -273,7 +294,8 @@ print(f"MCQ accuracy {recall['mcq']['accuracy']:.3f} vs chance {chance_mcq}: "
 # `facts.n_total`, `facts.n_known`, `facts.min_p`, `cf_recall.<format>.accuracy` / `.mean_p_norm`,
 # `mcq_usable`, `lens_max_logit_gap`, `load_seconds`, `seconds_total`;
 # `formats.<question|mcq|paper_question|paper_mcq>.accuracy` / `.mean_p_norm` / `.chance` / `.p_value` /
-# `.above_chance` / `.n` (the known athletes; ours next to the paper's texts; exact binomial test).
+# `.above_chance` / `.n` (the known athletes; ours next to the paper's texts; exact binomial test);
+# `cf_formats.<mcq|paper_mcq>.*`: the same for CounterFact (the paper's text with 16 shots, `.n_shots`).
 
 # %%
 for fmt, r in recall.items():
@@ -288,6 +310,8 @@ metrics.update({"athletes.n_total": len(athletes), "athletes.n_known": len(known
                 "facts.n_known": len(known_facts), "facts.min_p": MIN_P_FACT,
                 "mcq_usable": bool(mcq_above_chance)})
 metrics.update({f"formats.{f}.{k if k != 'above' else 'above_chance'}": v for f, r in formats_test.items()
+                for k, v in r.items()})
+metrics.update({f"cf_formats.{f}.{k if k != 'above' else 'above_chance'}": v for f, r in cf_formats_test.items()
                 for k, v in r.items()})
 metrics.update({f"athletes.n_known.{s}": int(n) for s, n in known_counts.known.items()})
 metrics.update({f"athletes.n_total.{s}": int(n) for s, n in known_counts.total.items()})

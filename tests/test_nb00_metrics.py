@@ -23,6 +23,10 @@ def test_setup_metrics(smoke_metrics):
         assert m[f"formats.{fmt}.n"] == m["athletes.n_known"] and m[f"formats.{fmt}.chance"] == chance
         assert 0 <= m[f"formats.{fmt}.accuracy"] <= 1 and 0 <= m[f"formats.{fmt}.p_value"] <= 1
         assert m[f"formats.{fmt}.above_chance"] == (m[f"formats.{fmt}.p_value"] < 0.05)
+    for fmt, shots in (("mcq", 1), ("paper_mcq", 4)):  # the paper's CounterFact MCQ: 16 shots, 4 in SMOKE
+        assert m[f"cf_formats.{fmt}.n_shots"] == shots and m[f"cf_formats.{fmt}.chance"] == 0.25
+        assert 0 < m[f"cf_formats.{fmt}.n"] <= m["facts.n_known"] and 0 <= m[f"cf_formats.{fmt}.accuracy"] <= 1
+        assert m[f"cf_formats.{fmt}.above_chance"] == (m[f"cf_formats.{fmt}.p_value"] < 0.05)
 
 
 def test_setup_saves_known_facts_for_later_notebooks(smoke_metrics, smoke_results_dir):

@@ -56,3 +56,29 @@ def test_mcq_prompt_is_the_same_whichever_answer_is_scored():
     true = sport_prompts(["LeBron James"], ["basketball"], "mcq")
     injected = sport_prompts(["LeBron James"], ["golf"], "mcq")
     assert true.prompts == injected.prompts and true.correct != injected.correct
+
+
+def test_paper_counterfact_mcq_is_the_papers_text_after_answered_shots():
+    from mechunlearn_utils.data.prompts import PAPER_CF_MCQ_FORMAT, PAPER_CF_MCQ_SHOTS
+
+    facts = load_counterfact()
+    asked, shots = facts.head(3), facts.iloc[3:3 + PAPER_CF_MCQ_SHOTS]
+    ours, paper = counterfact_prompts(asked, "mcq"), counterfact_prompts(asked, "paper_mcq", shots=shots)
+    assert paper.correct == ours.correct and paper.candidates == ours.candidates  # same options, same order
+    for prompt, right, row in zip(paper.prompts, paper.correct, asked.itertuples()):
+        assert prompt.count("Help me answer the following multiple choice question:") == PAPER_CF_MCQ_SHOTS + 1
+        assert prompt.count("Answer: ") == PAPER_CF_MCQ_SHOTS and prompt.endswith("A, B, C, or D. Answer:")
+        last = prompt.split("Help me answer")[-1]
+        assert f"{MCQ_LETTERS[right]}. {row.target_true.strip()}\n" in last
+    shot_text = paper.prompts[0].split("Help me answer")[1]  # the first shot carries its right letter
+    first = shots.iloc[0]
+    letter = shot_text.split("Answer: ")[1][0]
+    assert f"{letter}. {first.target_true.strip()}\n" in shot_text
+    assert PAPER_CF_MCQ_FORMAT.startswith("Help me answer the following multiple choice question:\n\n{question}")
+    new = counterfact_prompts(asked, "paper_mcq", answer="target_new", shots=shots)
+    assert new.prompts == paper.prompts and new.correct != paper.correct
+    with pytest.raises(ValueError, match="shots="):
+        counterfact_prompts(asked, "paper_mcq")
+    with pytest.raises(ValueError, match="apart"):
+        counterfact_prompts(asked, "paper_mcq", shots=facts.head(2))
+

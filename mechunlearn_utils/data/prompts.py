@@ -140,22 +140,60 @@ def sport_prompts(athletes: list[str], sports: list[str], fmt: str = "normal",
 
 # --------------------------------------------------------------------------- CounterFact
 
-COUNTERFACT_FORMATS = ("prompt", "paraphrase", "neighborhood", "mcq")
+COUNTERFACT_FORMATS = ("prompt", "paraphrase", "neighborhood", "mcq", "paper_mcq")
 CF_MCQ_SHOT = mcq_block("Complete the sentence: The capital of France is",
                         ["Berlin", "Madrid", "Paris", "Rome"], "C")
+# The paper's CounterFact multiple choice (magikarp01/tasks facts/CounterFactTask.py: `mc_question_format`,
+# `create_icl_mc_format`, `CounterFactTask_MC(n_shots=16)` in its evaluations): this text, preceded by
+# `PAPER_CF_MCQ_SHOTS` answered questions about other facts. Its option order is random per run; ours is
+# fixed per fact (`shuffled_options`), so every run asks the same questions.
+PAPER_CF_MCQ_FORMAT = ("Help me answer the following multiple choice question:\n\n{question}\n\nA. {a}\nB. {b}\n"
+                       "C. {c}\nD. {d}\n\nPlease respond with the letter of the correct answer, A, B, C, or D. Answer:")
+PAPER_CF_MCQ_SHOTS = 16
 
 
-def counterfact_prompts(facts, fmt: str = "prompt", answer: str = "target_true") -> PromptSet:
+def _cf_mc_item(row) -> tuple[str, list[str], int]:
+    """(question, A-D options, index of the true object) of one CounterFact fact."""
+    distractors = [d for d in row.mc_distractors if d.strip() != row.target_true.strip()][:3]
+    options, pos = shuffled_options(row.target_true, distractors, row.subject)
+    question = getattr(row, "mc_question", None) or f"Complete the sentence: {row.prompt}"
+    return question, options, pos
+
+
+def paper_cf_mcq(question: str, options: list[str], answer_letter: str | None = None) -> str:
+    """One item in the paper's CounterFact MCQ text (+ `answer_letter` and a blank line for a shot)."""
+    text = PAPER_CF_MCQ_FORMAT.format(question=question, **dict(zip("abcd", (o.strip() for o in options))))
+    return text + (f" {answer_letter}\n\n" if answer_letter else "")
+
+
+def paper_cf_mcq_shots(shots) -> str:
+    """The paper's in-context examples: each fact of `shots` (a CounterFact DataFrame) asked and answered."""
+    out = []
+    for row in shots.itertuples(index=False):
+        question, options, pos = _cf_mc_item(row)
+        out.append(paper_cf_mcq(question, options, MCQ_LETTERS[pos]))
+    return "".join(out)
+
+
+def counterfact_prompts(facts, fmt: str = "prompt", answer: str = "target_true", shots=None) -> PromptSet:
     """CounterFact prompts. `facts` is a DataFrame from `data.load_counterfact`.
 
     ``answer`` picks which object counts as correct ('target_true' or 'target_new'); the candidates
     are always [target_true, target_new] for prompt/paraphrase (so the two are compared head to
-    head), the neighbourhood's own true answers for neighborhood, and A-D letters for mcq.
+    head), the neighbourhood's own true answers for neighborhood, and A-D letters for mcq and
+    paper_mcq (the paper's text after the in-context examples made from `shots`, a DataFrame of
+    other facts: the paper uses 16, `PAPER_CF_MCQ_SHOTS`).
     """
     if len(facts) == 0:
         raise ValueError("no facts given: the fact set is empty")
     if answer not in ("target_true", "target_new"):
         raise ValueError("answer must be 'target_true' or 'target_new'")
+    if fmt == "paper_mcq":
+        if shots is None or len(shots) == 0:
+            raise ValueError("the paper's CounterFact MCQ needs in-context examples: pass shots= (other facts)")
+        if set(shots.subject) & set(facts.subject):
+            raise ValueError("a shot of the paper's CounterFact MCQ is also asked: keep shots and facts apart")
+        prefix = paper_cf_mcq_shots(shots)
     prompts, cands, correct, fact_index = [], [], [], []
     for i, row in enumerate(facts.itertuples(index=False)):
         pair = [row.target_true, row.target_new]
@@ -168,16 +206,15 @@ def counterfact_prompts(facts, fmt: str = "prompt", answer: str = "target_true")
             # Neighbours keep their own true answer; the edited object is the rival candidate.
             items = [(p, [a, row.target_new], 0) for p, a in
                      zip(row.neighborhood_prompts, row.neighborhood_answers) if a != row.target_new]
-        elif fmt == "mcq":
-            distractors = [d for d in row.mc_distractors if d.strip() != row.target_true.strip()][:3]
-            options, pos = shuffled_options(row.target_true, distractors, row.subject)
+        elif fmt in ("mcq", "paper_mcq"):
+            question, options, pos = _cf_mc_item(row)
             new_pos = [o.strip() for o in options].index(row.target_new.strip()) \
                 if row.target_new.strip() in [o.strip() for o in options] else None
             if answer == "target_new" and new_pos is None:
                 raise ValueError(f"target_new {row.target_new!r} of {row.subject!r} is not an MC option")
-            question = getattr(row, "mc_question", None) or f"Complete the sentence: {row.prompt}"
-            items = [(CF_MCQ_SHOT + "\n" + mcq_block(question, options),
-                      [" " + x for x in MCQ_LETTERS], pos if answer == "target_true" else new_pos)]
+            text = (CF_MCQ_SHOT + "\n" + mcq_block(question, options) if fmt == "mcq"
+                    else prefix + paper_cf_mcq(question, options))
+            items = [(text, [" " + x for x in MCQ_LETTERS], pos if answer == "target_true" else new_pos)]
         else:
             raise ValueError(f"unknown CounterFact format {fmt!r}; choose one of {COUNTERFACT_FORMATS}")
         for p, c, r in items:
