@@ -283,6 +283,9 @@ print("my_choose_lr agrees with depth.choose_lr on", len(frame), "windows")
 # * `marks.probe_saturation_layer`, `marks.extraction_min_layer` (null when 02 lacks them),
 #   `marks.probe_source`, `marks.extraction_source`
 # * `summary.<lookup|extraction>.<measure>`: mean over the windows of each stage, `.n_windows`
+# * `contrast.<unseen_mean|relearn_heldout>.ci_low` / `.ci_high`: 95% paired bootstrap interval over the
+#   athletes of (extraction - lookup) (> 0: the lookup edit generalized / held better);
+#   `window.<start>.forget_unseen_each` / `.relearn_heldout_each`: the per-athlete values it resamples
 # * settings: `k`, `stride`, `lrs`, `forget_target`, `steps`, `relearn_steps`, `lora_rank`,
 #   `n_forget`, `n_params_per_window`, `decoder_share`, `window_starts`;
 #   `seconds.base`, `seconds.sweep`, `seconds.per_window`, `seconds_total`
@@ -300,6 +303,7 @@ metrics.update({f"curve.{c}": [float(v) for v in frame[c]] for c in CURVES})
 metrics.update({f"marks.{k}": v for k, v in marks.items()})
 summary = D.stage_summary(frame, marks, K, [c for c in CURVES if c not in ("lr", "took", "seconds")])
 metrics.update({f"summary.{k}": v for k, v in summary.items()})
+metrics.update(D.contrast_metrics(frame, marks, K))
 metrics.update({f"seconds.{k}": v for k, v in seconds.items()}, seconds_total=time.perf_counter() - t_start)
 write_metrics(RESULTS_DIR, STEM, metrics)
 print(f"{len(metrics)} metrics; {metrics['seconds_total']:.0f} s in total")

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -134,6 +135,12 @@ def test_run_window_row_has_every_measure(window_row):
     assert math.isfinite(row["lm_loss_delta"]) and row["seconds"] >= row["seconds_edit"] > 0
     assert row["relearn_steps"] == [0, 1, 2] and len(row["relearn_heldout_by_step"]) == 3
     assert base["lm_loss_delta"] == 0.0  # the base row is defined as 0 (depth.base_measures), not computed
+    # the per-athlete values behind the means (what the contrast's interval resamples)
+    n_held = len(row["relearn_heldout_each"])
+    assert n_held >= 1 and sum(row["relearn_heldout_each"]) / n_held == pytest.approx(row["relearn_heldout"], abs=1e-6)
+    unseen = [row[f"forget_{f}"] for f in ("question", "para1", "para2", "para3")]
+    assert sum(row["forget_unseen_each"]) / len(row["forget_unseen_each"]) == pytest.approx(sum(unseen) / 4, abs=1e-6)
+    assert not any(k.endswith("_each") for k in base)  # the base row stays scalar
 
 
 def test_window_metrics_are_flat_and_writable(window_row, tmp_path):
@@ -201,6 +208,22 @@ def test_stage_of_and_summary():
     assert s["lookup.n_windows"] == 1 and s["extraction.n_windows"] == 2
     assert s["lookup.relearn_heldout"] == pytest.approx(0.05)
     assert s["extraction.relearn_heldout"] == pytest.approx(0.675)
+
+
+def test_stage_contrast_interval_resamples_athletes():
+    marks = {"probe_saturation_layer": 5, "extraction_min_layer": 8}
+    frame = _frame()
+    rng = np.random.default_rng(0)
+    low, high = rng.uniform(0, 0.1, 10), rng.uniform(0.5, 0.9, 10)  # 10 athletes, lookup edits hold
+    frame["relearn_heldout_each"] = [list(low), list(low), list(high), list(high)]
+    lo, hi = D.stage_contrast_ci(frame, marks, 4, "relearn_heldout_each")
+    assert 0.3 < lo < (high - low).mean() < hi  # extraction - lookup, > 0: the paper's side
+    m = D.contrast_metrics(frame, marks, 4)
+    assert m == {"contrast.relearn_heldout.ci_low": lo, "contrast.relearn_heldout.ci_high": hi}
+    assert D.stage_contrast_ci(frame, {"probe_saturation_layer": None, "extraction_min_layer": None}, 4,
+                               "relearn_heldout_each") is None
+    text = "\n".join(D.reading_guide(frame, {}, marks, 4))
+    assert f"held-out after relearning [{lo:+.3f}, {hi:+.3f}] (lookup lower)" in text
 
 
 def test_reading_guide_is_computed_from_the_numbers():

@@ -44,6 +44,7 @@ from mechunlearn_utils.edit.loop import EditError
 from mechunlearn_utils.edit.storage import restore, select_parameters, snapshot
 from mechunlearn_utils.edit.train import EditConfig, train_edit, train_split_measures
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, lm_loss_on_text, sports_measure
+from mechunlearn_utils.evaluate.verdicts import diff_ci
 
 STEM = STEMS["depth"]
 LOCALIZATION_STEM = STEMS["localization"]
@@ -157,7 +158,10 @@ def measure_edit(model, task, heldout_text: list[str], base_lm_loss: float | Non
     f = sports_measure(model, task.eval_forget, ["sport", "target"], "normal", EDIT_CANDIDATES)
     out = {"forget_normal": f["sport"]["p"], "target_normal": f["target"]["p"],
            "maintain": sports_measure(model, task.eval_maintain, "sport", "normal", EDIT_CANDIDATES)["p"]}
-    out.update({f"forget_{k}": v for k, v in A.formats_p_true(model, task.eval_forget, cfg.formats).items()})
+    per = {name: A.athlete_p_true(model, task.eval_forget, **A.ALT_FORMATS[name]) for name in cfg.formats}
+    out.update({f"forget_{k}": float(v.mean()) for k, v in per.items()})
+    if per:  # each athlete's mean over the unseen formats: the contrast's interval resamples athletes
+        out["forget_unseen_each"] = np.mean([v.to_numpy() for v in per.values()], axis=0).tolist()
     if cfg.languages:
         if templates is None:
             raise DepthError("languages asked for but no language templates given (attacks.load_language_templates)")
@@ -179,6 +183,7 @@ def relearn_measures(model, task, general_text: list[str], cfg: DepthConfig) -> 
     return {"relearn_heldout": r.forget_p_true[-1], "relearn_train": r.train_p_true[-1],
             "relearn_heldout_before": r.forget_p_true[0], "relearn_train_before": r.train_p_true[0],
             "relearn_heldout_by_step": list(r.forget_p_true), "relearn_steps": list(r.steps),
+            "relearn_heldout_each": list(r.heldout_by_athlete[-1]),
             "relearn_seconds": r.seconds}
 
 
@@ -208,7 +213,8 @@ def run_window(model, start: int, task, general_text: list[str], heldout_text: l
 
 def base_measures(model, task, heldout_text, templates, cfg: DepthConfig) -> dict:
     """The unedited model's measures (relearning replaced by the halves' p(true) without attack)."""
-    row = measure_edit(model, task, heldout_text, None, templates, cfg)
+    row = {k: v for k, v in measure_edit(model, task, heldout_text, None, templates, cfg).items()
+           if not k.endswith("_each")}
     row["lm_loss_delta"] = 0.0
     train, heldout = A.split_forget(task.eval_forget, cfg.seed)
     p = A.athlete_p_true(model, pd.concat([heldout, train], ignore_index=True)).to_numpy()
@@ -355,6 +361,35 @@ def stage_summary(frame: pd.DataFrame, marks: dict, k: int, measures: list[str])
     return out
 
 
+# Per-athlete measures of each window, and the stage-mean column each one explains.
+EACH_OF = {"unseen_mean": "forget_unseen_each", "relearn_heldout": "relearn_heldout_each"}
+
+
+def stage_contrast_ci(frame: pd.DataFrame, marks: dict, k: int, each_col: str, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float] | None:
+    """The lookup-vs-extraction contrast with its uncertainty: per athlete, the mean of `each_col` (a
+    per-athlete list per window) over the extraction windows minus over the lookup windows; the paired
+    bootstrap interval of its mean over the athletes (`evaluate.verdicts.diff_ci`). > 0: lookup edits
+    leave less of the old answer (the paper's side). None without windows in both stages."""
+    if each_col not in frame:
+        return None
+    stages = frame.start.map(lambda s: stage_of(int(s), k, marks))
+    look, ext = frame[stages == "lookup"][each_col].dropna(), frame[stages == "extraction"][each_col].dropna()
+    if not len(look) or not len(ext):
+        return None
+    return diff_ci(np.mean(np.stack(ext.tolist()), 0), np.mean(np.stack(look.tolist()), 0), seed=seed, level=level)
+
+
+def contrast_metrics(frame: pd.DataFrame, marks: dict, k: int) -> dict:
+    """`contrast.<measure>.ci_low` / `.ci_high` for each measure with per-athlete values (`EACH_OF`)."""
+    out = {}
+    for measure, col in EACH_OF.items():
+        ci = stage_contrast_ci(frame, marks, k, col)
+        if ci is not None:
+            out[f"contrast.{measure}.ci_low"], out[f"contrast.{measure}.ci_high"] = ci
+    return out
+
+
 def reading_guide(frame: pd.DataFrame, base: dict, marks: dict, k: int) -> list[str]:
     """Sentences computed from the run: which windows took, where each measure is lowest and
     highest, and the lookup-vs-extraction contrast (when 02's marks are known)."""
@@ -390,6 +425,14 @@ def reading_guide(frame: pd.DataFrame, base: dict, marks: dict, k: int) -> list[
             f"{summ.get('extraction.language_mean', np.nan):.3f}, held-out after relearning "
             f"{summ['lookup.relearn_heldout']:.3f} vs {summ['extraction.relearn_heldout']:.3f} "
             "(lower = the edit generalized / held).")
+        cis = {m: stage_contrast_ci(frame, marks, k, c) for m, c in EACH_OF.items()}
+        words = {"unseen_mean": "unseen formats", "relearn_heldout": "held-out after relearning"}
+        if any(ci is not None for ci in cis.values()):
+            lines.append("95% bootstrap interval over the athletes of extraction minus lookup (> 0: the lookup "
+                         "edit generalized / held better, the paper's side): " + "; ".join(
+                             f"{words[m]} [{lo:+.3f}, {hi:+.3f}] ("
+                             + ("lookup lower" if lo > 0 else "extraction lower" if hi < 0 else "covers 0") + ")"
+                             for m, ci in cis.items() if ci is not None for lo, hi in [ci]) + ".")
     else:
         lines.append("Lookup-vs-extraction contrast not computed: no window lies wholly in one of the stages "
                      f"(marks: {marks.get('probe_saturation_layer')}, {marks.get('extraction_min_layer')}).")
