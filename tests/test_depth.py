@@ -246,4 +246,12 @@ def test_plot_has_four_panels_and_the_marks():
                              {"probe_saturation_layer": 5, "extraction_min_layer": 8}, 4, "t")
     assert len(fig.axes) == 5  # four panels + the LM-loss axis of the side-effects panel
     assert all(sum(list(l.get_xdata()) == [5, 5] for l in ax.lines) == 1 for ax in fig.axes[:4])
+    assert not fig.axes[2].collections  # no per-athlete values: no band
+    plt.close(fig)
+    frame = _frame().assign(relearn_heldout_each=[[0.0, 0.1, 0.2]] * 4, forget_unseen_each=[[0.5, 0.5, 0.5]] * 4)
+    assert D.unseen_columns(frame)[1] == ["forget_fr", "forget_de", "forget_es"]  # lists are not languages
+    fig = D.plot_depth_sweep(frame, {}, {}, 4)
+    (band,) = fig.axes[2].collections  # the relearning panel's interval over the athletes
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.0) and ys.max() == pytest.approx(0.2)  # the widest bootstrap means
     plt.close(fig)

@@ -44,7 +44,7 @@ from mechunlearn_utils.edit.loop import EditError
 from mechunlearn_utils.edit.storage import restore, select_parameters, snapshot
 from mechunlearn_utils.edit.train import EditConfig, train_edit, train_split_measures
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, lm_loss_on_text, sports_measure
-from mechunlearn_utils.evaluate.verdicts import diff_ci
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, diff_ci
 
 STEM = STEMS["depth"]
 LOCALIZATION_STEM = STEMS["localization"]
@@ -296,14 +296,16 @@ def unseen_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(English formats the edit never saw, languages) present in `frame`."""
     fmts = [c for c in frame.columns if c in FORMAT_MEASURES]
     langs = [c for c in frame.columns if c.startswith("forget_") and c not in FORMAT_MEASURES
-             and c != "forget_normal" and not c.startswith("forget_mcq")]
+             and c != "forget_normal" and not c.startswith("forget_mcq") and not c.endswith("_each")]
     return fmts, langs
 
 
 def plot_depth_sweep(frame: pd.DataFrame, base: dict, marks: dict, k: int, title: str = ""):
     """Four panels against the window's centre layer: English formats, languages, relearning,
     side effects (maintain; LM loss change on a twin axis); dotted verticals at the probe saturation
-    and the first extraction-head layer. Hollow markers: windows whose edit did not take at any lr."""
+    and the first extraction-head layer. Hollow markers: windows whose edit did not take at any lr.
+    A shaded band: the 95% bootstrap interval over the athletes, where the window kept per-athlete
+    values (held-out after relearning)."""
     import matplotlib.pyplot as plt
 
     fmts, langs = unseen_columns(frame)
@@ -320,6 +322,10 @@ def plot_depth_sweep(frame: pd.DataFrame, base: dict, marks: dict, k: int, title
         line, = ax.plot(x, frame[c], "-", label=c.replace("forget_", ""), color=color)
         ax.plot(x[took], frame[c][took], "o", color=line.get_color())
         ax.plot(x[~took], frame[c][~took], "o", mfc="white", color=line.get_color())
+        if f"{c}_each" in frame:  # 95% bootstrap interval over the athletes of each window's mean
+            cis = np.array([bootstrap_ci(v) if isinstance(v, list) and v else (np.nan, np.nan)
+                            for v in frame[f"{c}_each"]])
+            ax.fill_between(x, cis[:, 0], cis[:, 1], color=line.get_color(), alpha=0.15, lw=0)
         if c in base:
             ax.axhline(base[c], color=line.get_color(), lw=0.8, ls="--", alpha=0.6)
         return line
