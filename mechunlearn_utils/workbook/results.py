@@ -11,10 +11,9 @@ import json
 import math
 from pathlib import Path
 
-
-from mechunlearn_utils.core.serialize import to_plain
 from mechunlearn_utils.core.paths import DATA_DIR, STEMS, MissingResultsError, atomic_write_text  # noqa: F401 (re-exported)
-from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict, claim_verdict  # noqa: F401 (claim_verdict re-exported: 07)
+from mechunlearn_utils.core.serialize import to_plain
+from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict, claim_verdict, in_words  # noqa: F401 (claim_verdict: 07)
 
 # Which notebook produces which results directory: used to tell the user what to run.
 NOTEBOOK_OF = {stem: f"notebooks/{stem}.py" for stem in STEMS.values()}
@@ -149,9 +148,7 @@ def paper_numbers(paper, task: str, measure: str, methods=("flu", "ap", "ct")) -
     ("FLU 0.010 vs ap 0.590, ct 0.280"); "" when the paper does not report that measure there."""
     rows = paper[(paper.table == PAPER_TABLE_OF_TASK.get(task)) & (paper.measure == measure)]
     vals = dict(zip(rows.method, rows.value))
-    if methods[0] not in vals:
-        return ""
-    return f"FLU {vals[methods[0]]:.3f} vs " + ", ".join(f"{m} {vals[m]:.3f}" for m in methods[1:] if m in vals)
+    return in_words(vals, methods[0], methods[1:]) if methods[0] in vals else ""
 
 
 def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "relearn20.normal.p_true",
