@@ -109,7 +109,12 @@ def report(results, only: tuple[str, ...] | None = None) -> str:
     results = Path(results)
     sec: dict[str, list[str]] = {}
     sec["localizations"] = [_table(localization_table(_metrics(results, "02_localization")), "02 localizations")]
-    sec["depth"] = [_table(depth_table(_metrics(results, "02b_depth_sweep")), "02b depth sweep")]
+    depth = _metrics(results, "02b_depth_sweep")
+    contrast = pd.DataFrame({m: {"low": depth.get(f"contrast.{m}.ci_low"), "high": depth.get(f"contrast.{m}.ci_high")}
+                             for m in ("unseen_mean", "relearn_heldout") if f"contrast.{m}.ci_low" in depth}).T
+    sec["depth"] = [_table(depth_table(depth), "02b depth sweep"),
+                    _table(contrast, "02b contrast: extraction minus lookup windows, 95% bootstrap interval over "
+                                     "the athletes (> 0: the lookup edit generalized / held better)")]
     edits = metrics_long(_metrics(results, "03_editing_and_unlearning"))
     sec["edits"] = []
     for task in edits.task.unique():

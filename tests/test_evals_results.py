@@ -152,10 +152,12 @@ def test_report_script_localization_and_depth_tables(tmp_path):
                                                 "sports.flu.n_params": 123, "seconds_total": 1.0})
     write_metrics(tmp_path, "02b_depth_sweep", {"k": 4, "window_starts": [0, 14], "base.forget_normal": 0.826,
                                                 "window.0.forget_normal": 0.0061, "window.14.forget_normal": 0.158,
-                                                "window.14.took": False, "seconds_total": 2.0})
+                                                "window.14.took": False, "contrast.relearn_heldout.ci_low": 0.6313,
+                                                "contrast.relearn_heldout.ci_high": 0.9192, "seconds_total": 2.0})
     text = report(tmp_path)
     assert "02 localizations" in text and "| 2, 3" in text and "123" in text
     assert "02b depth sweep" in text and "MLPs 14-17" in text and "0.0061" in text and "0.826" in text
+    assert "| relearn_heldout | 0.6313 | 0.9192 |" in text and "unseen_mean" not in text  # only the measured one
 
 
 def test_report_script_relearning_curves_verdict_columns_and_readme_block(tmp_path):
