@@ -108,7 +108,11 @@ def test_every_attack_measured_for_every_method():
     recovered = recovered[recovered.measure.str.startswith("recovered.")]
     assert not recovered.empty and recovered.value.between(-1, 1).all()
     per_method = recovered.groupby(["task", "method"]).measure.nunique()
-    assert per_method.nunique() == 1, f"attacks missing for some methods: {per_method.to_dict()}"
+    # within a task every method faces the same attacks (sport_to_golf: relearning only, RELEARN_TASKS)
+    same = per_method.groupby(level="task").nunique()
+    assert (same == 1).all(), f"attacks missing for some methods: {per_method.to_dict()}"
+    others = per_method.drop("athletes_to_sport", level="task")
+    assert others.empty or per_method.loc["athletes_to_sport"].min() > others.max()  # the full set of attacks
 
 
 def test_masks_binarize_within_their_localization():
