@@ -16,8 +16,9 @@ def test_verdicts_match_the_numbers(smoke_metrics):
     assert verdicts and set(verdicts.values()) <= VERDICTS
     fmt = "mcq" if setup["mcq_usable"] else "question"
     task = "athletes_to_sport"
-    values = {k.split(".")[1]: v for k, v in edits.items()
-              if k.startswith(task + ".") and k.endswith(f".forget.{fmt}.p_true") and ".base." not in k}
+    values = {k.split(".")[1]: v for k, v in edits.items()  # the mean, not 03's per-fact lists (`.per_fact.`)
+              if k.startswith(task + ".") and k.split(".", 2)[2:] == [f"forget.{fmt}.p_true"] and ".base." not in k}
+    assert values and all(isinstance(v, float) for v in values.values())
     assert m[f"verdict.generalizes.{task}"] == claim_verdict(values)[0]
     assert m["n_compared"] > 0
 
