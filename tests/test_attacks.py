@@ -160,8 +160,12 @@ def test_alternative_formats(tiny, words):
     for name in ["normal", *A.ALT_FORMATS]:
         r = A.format_p_true(tiny, ATHLETES, name)
         assert 0 <= r["p"] <= 1 and r["n"] == len(ATHLETES)
+        each = A.format_athlete_p_true(tiny, ATHLETES, name)  # the same scores, per athlete
+        assert list(each.index) == list(ATHLETES.athlete) and each.mean() == pytest.approx(r["p"], abs=1e-9)
     with pytest.raises(A.AttackError, match="unknown format"):
         A.format_p_true(tiny, ATHLETES, "haiku")
+    with pytest.raises(A.AttackError, match="unknown format"):
+        A.format_athlete_p_true(tiny, ATHLETES, "haiku")
 
 
 # --------------------------------------------------------------------------- quantization

@@ -158,7 +158,7 @@ def measure_edit(model, task, heldout_text: list[str], base_lm_loss: float | Non
     f = sports_measure(model, task.eval_forget, ["sport", "target"], "normal", EDIT_CANDIDATES)
     out = {"forget_normal": f["sport"]["p"], "target_normal": f["target"]["p"],
            "maintain": sports_measure(model, task.eval_maintain, "sport", "normal", EDIT_CANDIDATES)["p"]}
-    per = {name: A.athlete_p_true(model, task.eval_forget, **A.ALT_FORMATS[name]) for name in cfg.formats}
+    per = {name: A.format_athlete_p_true(model, task.eval_forget, name) for name in cfg.formats}
     out.update({f"forget_{k}": float(v.mean()) for k, v in per.items()})
     if per:  # each athlete's mean over the unseen formats: the contrast's interval resamples athletes
         out["forget_unseen_each"] = np.mean([v.to_numpy() for v in per.values()], axis=0).tolist()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechunlearn_utils.attacks.scoring import AttackError, candidate_scores, sports_p_true, summary
+from mechunlearn_utils.attacks.scoring import AttackError, athlete_p_true, candidate_scores, sports_p_true, summary
 from mechunlearn_utils.core.paths import DATA_DIR
 from mechunlearn_utils.data.prompts import SPORT_PARAPHRASE_TEMPLATES
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
@@ -32,13 +32,22 @@ def formats_p_true(model, athletes: pd.DataFrame, names=tuple(ALT_FORMATS)) -> d
     return {name: format_p_true(model, athletes, name)["p"] for name in names}
 
 
-def format_p_true(model, athletes: pd.DataFrame, name: str, answer_col: str = "sport") -> dict:
-    """Forget accuracy in one of `ALT_FORMATS` (or 'normal')."""
+def _format_kwargs(name: str) -> dict:
     if name == "normal":
-        return sports_p_true(model, athletes, answer_col=answer_col)
+        return {}
     if name not in ALT_FORMATS:
         raise AttackError(f"unknown format {name!r}; choose from {['normal', *ALT_FORMATS]}")
-    return sports_p_true(model, athletes, answer_col=answer_col, **ALT_FORMATS[name])
+    return ALT_FORMATS[name]
+
+
+def format_p_true(model, athletes: pd.DataFrame, name: str, answer_col: str = "sport") -> dict:
+    """Forget accuracy in one of `ALT_FORMATS` (or 'normal')."""
+    return sports_p_true(model, athletes, answer_col=answer_col, **_format_kwargs(name))
+
+
+def format_athlete_p_true(model, athletes: pd.DataFrame, name: str, answer_col: str = "sport") -> pd.Series:
+    """`format_p_true`'s normalized p per athlete (indexed by name); its mean is `format_p_true`'s p."""
+    return athlete_p_true(model, athletes, answer_col=answer_col, **_format_kwargs(name))
 
 
 def load_language_templates(path=None) -> pd.DataFrame:

@@ -254,12 +254,11 @@ def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CL
     """The paired bootstrap verdicts (`evaluate.verdicts.ci_verdict`) of notebook 03's claims from the
     per-fact values 03 keeps, as metrics in the key form of notebooks 04 and 05 (`ci_metrics`), for
     `attach_cis`. Verdict rows without per-fact values (an older 03 run) get none."""
-    out = {}
+    out, each = {}, per_fact_values(metrics)
     for v in verdicts:
         if v["id"] not in claims:
             continue
-        keys = {m: f"{v['task']}.{m}.per_fact.{v['measure']}" for m in methods}
-        per = {m: metrics[k] for m, k in keys.items() if k in metrics}
+        per = {m: each[v["task"], m][v["measure"]] for m in methods if v["measure"] in each.get((v["task"], m), {})}
         verdict, cis = ci_verdict(per, lower_is_better=claims[v["id"]])
         if cis:
             out.update(ci_metrics(v["task"], v["id"], verdict, cis))
