@@ -256,8 +256,31 @@ def test_causal_tracing_batching_does_not_change_scores(tiny, facts):
     a = lz.causal_tracing(tiny, facts.subset(range(3)), batch_size=7, min_gap=None)
     b = lz.causal_tracing(tiny, facts.subset(range(3)), batch_size=500, min_gap=None)
     np.testing.assert_allclose(a.per_item["nie"], b.per_item["nie"], rtol=1e-3, atol=1e-4)
-    n_rows = 3 * (1 + tiny.n_layers * (tiny.n_heads + 1))
-    assert b.passes.forward_sequences == 3 + n_rows and b.passes.forward == 2
+    n_rows = 3 * (1 + tiny.n_layers * (tiny.n_heads + 1))  # the noised run + one row per restored component
+    assert b.passes.forward_sequences == 3 + n_rows and b.passes.forward == 3  # clean, noised, restored
+
+
+@pytest.mark.parametrize("backend", ["tl", "hf"])
+def test_causal_tracing_from_the_restored_layer_equals_full_runs(tiny, facts, backend):
+    """Starting each restored run at its layer, from the noised run's residual stream, changes no score
+    (beyond float rounding) and runs fewer layers."""
+    a = lz.causal_tracing(tiny, facts, n_samples=2, backend=backend, min_gap=None, batch_size=5)
+    b = lz.causal_tracing(tiny, facts, n_samples=2, backend=backend, min_gap=None, batch_size=5, start_layers=False)
+    np.testing.assert_allclose(a.per_item["nie"], b.per_item["nie"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.per_item["p_corrupt"], b.per_item["p_corrupt"], rtol=1e-5, atol=1e-7)
+    assert b.info["layer_fraction"] == 1.0 and a.info["layer_fraction"] < 0.8
+
+
+def test_run_sites_from_a_layer_equals_the_full_run(tiny, facts):
+    b = facts.batch()
+    full = lz.run_sites(tiny, b, capture=[lz.Site("resid_pre", 1), lz.Site("z", 1)])
+    part = lz.run_sites(tiny, b, capture=[lz.Site("z", 1)], start=1, hidden=full.acts[lz.Site("resid_pre", 1)])
+    torch.testing.assert_close(part.logits, full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part.acts[lz.Site("z", 1)], full.acts[lz.Site("z", 1)], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="never fires"):
+        lz.run_sites(tiny, b, capture=[lz.Site("z", 0)], start=1, hidden=full.acts[lz.Site("resid_pre", 1)])
+    with pytest.raises(ValueError, match="not nnsight"):
+        lz.run_sites(tiny, b, backend="nnsight", start=1, hidden=full.acts[lz.Site("resid_pre", 1)])
 
 
 def test_causal_tracing_matches_one_unbatched_restoration(tiny, facts):

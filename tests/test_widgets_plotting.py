@@ -8,7 +8,7 @@ import pytest
 from mechunlearn_utils.data.datasets import load_athletes
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES
 from mechunlearn_utils.viz.plotting import edit_summary_plot
-from mechunlearn_utils.viz.widgets import balanced_maintain, edit_fact_widget, edit_one_athlete
+from mechunlearn_utils.viz.widgets import balanced_maintain, edit_fact_widget, edit_one_athlete, query_saved_edit
 
 LATE = ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
@@ -33,6 +33,31 @@ def test_edit_one_athlete_moves_the_new_answer_and_restores(tiny):
         edit_one_athlete(tiny, LATE, athletes, name, athletes.sport.iloc[0])
     with pytest.raises(ValueError, match="not among"):
         edit_one_athlete(tiny, LATE, athletes, "Nobody Atall", "golf")
+
+
+def test_query_saved_edit_shows_the_saved_edit_without_training(tiny, tmp_path):
+    """A saved edit of an editing task, queried on one of its athletes: the injected sport rises
+    after, the lr is the edit's, nothing trains, the base weights come back bit for bit."""
+    from mechunlearn_utils.data.tasks import make_task
+    from mechunlearn_utils.edit.storage import restore, save_edit, snapshot
+    from mechunlearn_utils.edit.train import EditConfig, train_edit
+
+    athletes = load_athletes().groupby("sport").head(8).reset_index(drop=True)
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, seed=0)
+    base = snapshot(tiny, LATE)
+    cfg = EditConfig(steps=30, lr=3e-2, batch_size=4, lm_coef=0.0)
+    train_edit(tiny, LATE, task, [], cfg, progress=False)
+    path = save_edit(tiny, LATE, tmp_path / "flu", {"task": task.name, "task_meta": task.meta, "config": vars(cfg)})
+    restore(tiny, base)
+    before = {n: p.clone() for n, p in tiny.named_parameters().items()}
+    result = query_saved_edit(tiny, path, athletes)
+    first = task.train_forget.iloc[0]
+    table = result.answers
+    assert result.lr == 3e-2 and f"p({first.target})" in table.columns
+    assert table.loc[("after", "normal"), f"p({first.target})"] > table.loc[("before", "normal"), f"p({first.target})"]
+    assert all((p == before[n]).all() for n, p in tiny.named_parameters().items())
+    with pytest.raises(ValueError, match="not an athlete this edit changed"):
+        query_saved_edit(tiny, path, athletes, athlete=task.train_maintain.athlete.iloc[0])
 
 
 def test_widget_controls_drive_the_edit_it_shows(tiny, capsys):

@@ -42,12 +42,24 @@ def token_logits(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     return softcap(model, logits)
 
 
-def final_logits(model, input_ids, attention_mask, last_index, **forward_kwargs) -> torch.Tensor:
+def final_logits(model, input_ids, attention_mask, last_index, start: int = 0,
+                 hidden: torch.Tensor | None = None, **forward_kwargs) -> torch.Tensor:
     """Logits [batch, vocab] at each prompt's last token (right-padded batch).
 
-    Gradients flow when called outside `torch.no_grad()` (training uses this too).
+    With `hidden` (the residual stream entering layer `start`, [batch, pos, d]) only layers[start:]
+    run on it (`forward.layers_from`); `input_ids` then only give the shape. Gradients flow when
+    called outside `torch.no_grad()` (training uses this too).
     """
-    out = model.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    if hidden is not None:
+        from mechunlearn_utils.core.forward import layers_from
+
+        with layers_from(model.hf, start):
+            out = model.hf.model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False,
+                                 **forward_kwargs)
+    elif start:
+        raise ValueError(f"start={start} needs the hidden state entering that layer")
+    else:
+        out = model.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
     hidden = out.last_hidden_state[torch.arange(len(last_index), device=last_index.device), last_index]
     return unembed(model, hidden)
 

@@ -126,27 +126,37 @@ def head_dim(model) -> int:
 
 
 def run_sites(model, batch: dict, edits: dict | None = None, capture=(), backend: str = "tl",
-              grad_metric=None, counter: PassCounter | None = None) -> RunResult:
+              grad_metric=None, counter: PassCounter | None = None, start: int = 0,
+              hidden: torch.Tensor | None = None) -> RunResult:
     """One forward pass with edits and captures at sites, and optionally one backward pass.
 
     * ``edits``: {Site: fn(activation) -> new activation} (head sites see [batch, pos, head, d_head])
     * ``capture``: sites whose activation (after any edit) is returned in ``.acts``
     * ``grad_metric``: fn(logits [batch, vocab]) -> per-row metric; when given, the gradient of its
       sum w.r.t. every captured site is returned in ``.grads`` (the model's weights stay frozen)
+    * ``start``, ``hidden``: run only layers[start:], from `hidden` (the residual stream entering
+      layer `start`, e.g. captured at ``Site("resid_pre", start)`` of an earlier run); sites below
+      `start` never fire. The "tl" and "hf" backends.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if hidden is not None and backend == "nnsight":
+        raise ValueError("run_sites(hidden=...) runs on the 'tl' and 'hf' backends, not nnsight")
+    if hidden is not None and any(s.layer is not None and s.layer < start or s.kind == "embed"
+                                  for s in [*(edits or {}), *capture]):
+        raise ValueError(f"a site below layer {start} never fires when the run starts there")
     edits = dict(edits or {})
     capture = list(dict.fromkeys(capture))
     run = {"tl": _run_tl, "nnsight": _run_nnsight, "hf": _run_hf}[backend]
+    start_at = {} if hidden is None else dict(start=start, hidden=hidden.to(model.hf.device))
     with torch.set_grad_enabled(grad_metric is not None):
-        out = run(model, batch, edits, capture, grad_metric)
+        out = run(model, batch, edits, capture, grad_metric, **start_at)
     if counter is not None:
         counter.add(len(batch["input_ids"]), backward=grad_metric is not None)
     return out
 
 
-def _run_tl(model, batch, edits, capture, metric) -> RunResult:
+def _run_tl(model, batch, edits, capture, metric, **start_at) -> RunResult:
     """TransformerLens: bridge hook points (inside the HF modules) + last-token unembedding."""
     tl = model.tl
     acts, grads = {}, {}
@@ -167,7 +177,7 @@ def _run_tl(model, batch, edits, capture, metric) -> RunResult:
             bwd.append((site.tl_name(), lambda g, hook, site=site: grads.__setitem__(site, g.detach())))
     kwargs = {k: v.to(model.hf.device) for k, v in batch.items()}
     with tl.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-        logits = final_logits(model, **kwargs)
+        logits = final_logits(model, **kwargs, **start_at)
         value = None
         if need_grad:
             value = metric(logits)
@@ -216,7 +226,7 @@ def _hf_module(model, site: Site):
     return _site_target(model.hf.model, site)
 
 
-def _run_hf(model, batch, edits, capture, metric) -> RunResult:
+def _run_hf(model, batch, edits, capture, metric, **start_at) -> RunResult:
     """Plain PyTorch forward hooks / pre-hooks on the HF modules."""
     dh = head_dim(model)
     need_grad = metric is not None
@@ -253,7 +263,7 @@ def _run_hf(model, batch, edits, capture, metric) -> RunResult:
             handles.append(mod.register_forward_hook(out_hook(site)) if where == "output"
                            else mod.register_forward_pre_hook(in_hook(site), with_kwargs=True))
         kwargs = {k: v.to(model.hf.device) for k, v in batch.items()}
-        logits = final_logits(model, **kwargs)
+        logits = final_logits(model, **kwargs, **start_at)
         value = None
         if need_grad:
             value = metric(logits)

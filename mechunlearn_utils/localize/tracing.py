@@ -36,7 +36,7 @@ CT_PAPER_FACTS = 80  # create_masks.py: df = df[:80]
 def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: int = 1,
                    batch_size: int = 64, backend: str = "tl", seed: int = 0,
                    min_gap: float | None = 0.0, progress: bool = False,
-                   noise_rule: str = "scale_std") -> TracingResult:
+                   noise_rule: str = "scale_std", start_layers: bool = True) -> TracingResult:
     """Causal tracing of every MLP output and every head's output (hook_z), batched.
 
     One clean pass, then rows (fact, noise sample, component) in batches of `batch_size`: each row
@@ -44,6 +44,9 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
     with no restoration gives p_corrupt). Items whose p_clean - p_corrupt <= `min_gap` are left out
     of the average (counted in ``info['n_items_used']``; ``min_gap=None`` keeps every item).
     ``noise_rule``: see `gaussian_subject_noise` ("paper_sqrt" is the paper code's noise level).
+    ``start_layers`` (tl / hf backends): a restored run starts at the layer it restores, from the
+    noised run's residual stream there (the layers below are the noised run's: the same numbers up
+    to float rounding, about half the compute); False runs every layer of every row.
     """
     if noise_scale <= 0:
         raise LocalizationError(f"noise_scale must be positive, got {noise_scale}: without noise "
@@ -59,25 +62,44 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
     std = subject_embedding_std(model, facts)
     noise = gaussian_subject_noise(model, facts, n_samples, noise_scale, seed, std, noise_rule)
     comps = [("mlp", l, -1) for l in range(L)] + [("head", l, h) for l in range(L) for h in range(H)]
-    rows = [(f, s, c) for f in range(len(facts)) for s in range(n_samples) for c in range(-1, len(comps))]
-    p_rows = torch.zeros(len(rows))
-    chunks = range(0, len(rows), batch_size)
-    for start in tqdm(chunks, desc="causal tracing", disable=not progress, leave=False):
+    p = torch.zeros(len(facts), n_samples, len(comps) + 1)  # [..., 0]: the noised run, nothing restored
+    pairs = [(f, s) for f in range(len(facts)) for s in range(n_samples)]
+    # Restoring a component of layer l leaves layers < l as in the noised run: run those once per
+    # (fact, sample), keep the residual stream entering every layer, and start each restored run at
+    # its batch's lowest restored layer (`start_layers`; the backends without a start run it all).
+    starts = start_layers and backend in ("tl", "hf")
+    resid_sites = [Site("resid_pre", l) for l in range(L)] if starts else []
+    noised = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        f_idx, s_idx = torch.tensor([c[0] for c in chunk]), torch.tensor([c[1] for c in chunk])
+        out = run_sites(model, facts.batch(f_idx), {Site("embed"): add_rows(noise[f_idx, s_idx])},
+                        capture=resid_sites, backend=backend, counter=counter)
+        p[f_idx, s_idx, 0] = _softmax_p(out.logits, correct[f_idx])
+        for site in resid_sites:
+            noised.setdefault(site.layer, []).append(out.acts[site].cpu())
+    noised = {l: torch.cat(v) for l, v in noised.items()}  # [fact x sample, pos, d]
+    layer_of = [c[1] for c in comps]
+    rows = sorted(((f, s, c) for f, s in pairs for c in range(len(comps))), key=lambda r: (layer_of[r[2]], r))
+    layers_run = 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="causal tracing", disable=not progress, leave=False):
         chunk = rows[start:start + batch_size]
         f_idx = torch.tensor([r[0] for r in chunk])
-        edits = {Site("embed"): add_rows(noise[f_idx, torch.tensor([r[1] for r in chunk])])}
-        for l in range(L):
-            mlp_rows = [i for i, r in enumerate(chunk) if r[2] >= 0 and comps[r[2]][:2] == ("mlp", l)]
-            head_rows = [(i, comps[r[2]][2]) for i, r in enumerate(chunk)
-                         if r[2] >= 0 and comps[r[2]][:2] == ("head", l)]
+        first = min(layer_of[r[2]] for r in chunk) if starts else 0
+        edits = {} if starts else {Site("embed"): add_rows(noise[f_idx, torch.tensor([r[1] for r in chunk])])}
+        for l in range(first, L):
+            mlp_rows = [i for i, r in enumerate(chunk) if comps[r[2]][:2] == ("mlp", l)]
+            head_rows = [(i, comps[r[2]][2]) for i, r in enumerate(chunk) if comps[r[2]][:2] == ("head", l)]
             if mlp_rows:
                 edits[Site("mlp_out_prenorm", l)] = replace_rows(clean[Site("mlp_out_prenorm", l)], f_idx, mlp_rows)
             if head_rows:
                 edits[Site("z", l)] = replace_rows(clean[Site("z", l)], f_idx, [i for i, _ in head_rows],
                                                [h for _, h in head_rows])
-        out = run_sites(model, facts.batch(f_idx), edits, backend=backend, counter=counter)
-        p_rows[start:start + len(chunk)] = _softmax_p(out.logits, correct[f_idx])
-    p = p_rows.view(len(facts), n_samples, len(comps) + 1)
+        hidden = noised[first][torch.tensor([r[0] * n_samples + r[1] for r in chunk])] if starts else None
+        out = run_sites(model, facts.batch(f_idx), edits, backend=backend, counter=counter, start=first, hidden=hidden)
+        p[f_idx, torch.tensor([r[1] for r in chunk]), torch.tensor([r[2] + 1 for r in chunk])] = \
+            _softmax_p(out.logits, correct[f_idx])
+        layers_run += (L - first) * len(chunk)
     p_corrupt, p_restored = p[..., 0], p[..., 1:]
     gap = p_clean[:, None] - p_corrupt
     nie = (p_restored - p_corrupt[..., None]) / gap[..., None]
@@ -91,7 +113,8 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
     info = dict(noise_scale=noise_scale, noise_std=std, noise_rule=noise_rule, min_gap=min_gap,
                 n_samples=n_samples, n_facts=len(facts),
                 n_items_used=int(used.sum()), p_clean=float(p_clean.mean()),
-                p_corrupt=float(p_corrupt.mean()), backend=backend, positions="all")
+                p_corrupt=float(p_corrupt.mean()), backend=backend, positions="all",
+                layer_fraction=layers_run / max(len(rows) * L, 1))
     return TracingResult("ct", scores, {"nie": nie.float().numpy(), "p_clean": p_clean.float().numpy(),
                                         "p_corrupt": p_corrupt.float().numpy()},
                          info, counter, time.perf_counter() - t0)

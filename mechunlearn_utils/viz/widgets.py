@@ -3,7 +3,9 @@ directly so the default renders statically under papermill."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -42,17 +44,13 @@ class AthleteEdit:
         display(self.answers, self.side_effects)
 
 
-def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athlete: str, new_sport: str,
-                     steps: int = 25, lr: float | None = None, general_text: list[str] | None = None,
-                     heldout_text: list[str] | None = None, per_sport: int = MAINTAIN_PER_SPORT,
-                     on_step=None) -> AthleteEdit:
-    """Edit one athlete's sport with a localization, keeping a maintain set balanced over the sports
-    (`balanced_maintain`); the probability of the old and the new sport in every format, and the
-    side effects (maintain p(true); LM loss on `heldout_text`), before and after. `lr`: None ->
-    `DEMO_LR`. ``on_step(record)`` after each training step. The base weights are restored."""
-    from mechunlearn_utils.data.tasks import Task
-    from mechunlearn_utils.edit.storage import restore, snapshot
-    from mechunlearn_utils.edit.train import EditConfig, train_edit
+def athlete_before_after(model, athletes: pd.DataFrame, athlete: str, new_sport: str, put_on,
+                         heldout_text: list[str] | None = None, per_sport: int = MAINTAIN_PER_SPORT,
+                         lr: float = float("nan")) -> AthleteEdit:
+    """One athlete's answers in every format (p of the old and of the new sport) and the side
+    effects (maintain p(true) on `balanced_maintain`'s athletes; LM loss on `heldout_text`), before
+    and inside ``with put_on(maintain):``, a context manager that puts an edit on the model and
+    takes it off again (training one, `edit_one_athlete`; a saved one, `query_saved_edit`)."""
     from mechunlearn_utils.evaluate.suite import lm_loss_on_text, sports_measure
 
     row = athletes[athletes.athlete == athlete]
@@ -60,10 +58,8 @@ def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athl
         raise ValueError(f"{athlete!r} is not among the athletes the model knows (see notebook 00)")
     if new_sport == row.sport.iloc[0]:
         raise ValueError(f"{athlete} already plays {new_sport}: pick another sport")
-    lr = DEMO_LR if lr is None else lr
     forget = row.assign(target=new_sport).reset_index(drop=True)
     maintain = balanced_maintain(athletes, athlete, per_sport)
-    task = Task("one_athlete", "sports", "edit", forget, maintain, forget, maintain)
 
     def measure(stage):
         rows = []
@@ -76,19 +72,62 @@ def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athl
         return rows, side
 
     rows, side_before = measure("before")
-    base = snapshot(model, param_names)
-    try:
-        train_edit(model, param_names, task, general_text or [], EditConfig(steps=steps, lr=lr, batch_size=16,
-                                                                           lm_coef=1.0 if general_text else 0.0),
-                   progress=False, on_step=on_step)
+    with put_on(forget, maintain):
         after, side_after = measure("after")
-    finally:
-        restore(model, base)
     table = pd.DataFrame(rows + after).rename(columns={"p(sport)": f"p({row.sport.iloc[0]})",
                                                        "p(target)": f"p({new_sport})"})
     side = pd.DataFrame({"before": side_before, "after": side_after})
     side["change"] = side.after - side.before
     return AthleteEdit(table.set_index(["stage", "format"]).round(3), side.round(4), maintain, lr)
+
+
+def edit_one_athlete(model, param_names: list[str], athletes: pd.DataFrame, athlete: str, new_sport: str,
+                     steps: int = 25, lr: float | None = None, general_text: list[str] | None = None,
+                     heldout_text: list[str] | None = None, per_sport: int = MAINTAIN_PER_SPORT,
+                     on_step=None) -> AthleteEdit:
+    """Edit one athlete's sport with a localization, keeping a maintain set balanced over the sports
+    (`balanced_maintain`), and show it (`athlete_before_after`). `lr`: None -> `DEMO_LR`.
+    ``on_step(record)`` after each training step. The base weights are restored."""
+    import contextlib
+
+    from mechunlearn_utils.data.tasks import Task
+    from mechunlearn_utils.edit.storage import restore, snapshot
+    from mechunlearn_utils.edit.train import EditConfig, train_edit
+
+    lr = DEMO_LR if lr is None else lr
+
+    @contextlib.contextmanager
+    def trained(forget, maintain):
+        base = snapshot(model, param_names)
+        try:
+            task = Task("one_athlete", "sports", "edit", forget, maintain, forget, maintain)
+            cfg = EditConfig(steps=steps, lr=lr, batch_size=16, lm_coef=1.0 if general_text else 0.0)
+            train_edit(model, param_names, task, general_text or [], cfg, progress=False, on_step=on_step)
+            yield
+        finally:
+            restore(model, base)
+
+    return athlete_before_after(model, athletes, athlete, new_sport, trained, heldout_text, per_sport, lr)
+
+
+def query_saved_edit(model, path, athletes: pd.DataFrame, heldout_text: list[str] | None = None,
+                     athlete: str | None = None, per_sport: int = MAINTAIN_PER_SPORT) -> AthleteEdit:
+    """A saved edit of notebook 03 (an editing task of the sports facts), queried on one athlete it
+    edited (`athlete`; None: the first of its training split) like `edit_one_athlete`, without
+    training anything: the edit is put on and taken off (`edit.storage.edited`)."""
+    from mechunlearn_utils.edit.storage import edited, task_from_edit
+
+    task = task_from_edit({"edit": path}, athletes)
+    if task.kind != "sports" or task.mode != "edit":
+        raise ValueError(f"{path}: a {task.kind} {task.mode} task; the query needs an edit of the sports facts")
+    edited_rows = pd.concat([task.train_forget, task.eval_forget])
+    pick = edited_rows.iloc[:1] if athlete is None else edited_rows[edited_rows.athlete == athlete]
+    if pick.empty:
+        raise ValueError(f"{athlete!r} is not an athlete this edit changed (task {task.name})")
+    cfg = json.loads(Path(path).with_suffix(".json").read_text()).get("config", {})
+    return athlete_before_after(model, athletes, pick.athlete.iloc[0], pick.target.iloc[0],
+                                lambda forget, maintain: edited(model, path), heldout_text, per_sport,
+                                cfg.get("lr", float("nan")))
 
 
 def edit_fact_widget(model, localizations: dict, athletes: pd.DataFrame, general_text: list[str],
