@@ -44,7 +44,7 @@ from mechunlearn_utils.edit.loop import EditError
 from mechunlearn_utils.edit.storage import restore, select_parameters, snapshot
 from mechunlearn_utils.edit.train import EditConfig, train_edit, train_split_measures
 from mechunlearn_utils.evaluate.suite import EDIT_CANDIDATES, lm_loss_on_text, sports_measure
-from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, diff_ci
+from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, diff_ci, interval_text
 
 STEM = STEMS["depth"]
 LOCALIZATION_STEM = STEMS["localization"]
@@ -436,7 +436,7 @@ def reading_guide(frame: pd.DataFrame, base: dict, marks: dict, k: int) -> list[
         if any(ci is not None for ci in cis.values()):
             lines.append("95% bootstrap interval over the athletes of extraction minus lookup (> 0: the lookup "
                          "edit generalized / held better, the paper's side): " + "; ".join(
-                             f"{words[m]} [{lo:+.3f}, {hi:+.3f}] ("
+                             f"{words[m]} {interval_text(lo, hi)} ("
                              + ("lookup lower" if lo > 0 else "extraction lower" if hi < 0 else "covers 0") + ")"
                              for m, ci in cis.items() if ci is not None for lo, hi in [ci]) + ".")
     else:

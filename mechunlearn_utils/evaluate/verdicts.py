@@ -89,10 +89,15 @@ def spread_table(per_fact: dict, level: float = 0.95, seed: int = 0):
     return pd.DataFrame(rows, columns=["task", "method", "measure", "mean", "low", "high"])
 
 
+def interval_text(low: float, high: float) -> str:
+    """An interval as every table and reading guide of the workbook writes it: ``[-0.045, +0.123]``."""
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
 def ci_columns(cis: dict, flu: str = "flu") -> dict:
     """A verdict table's interval columns: per rival "<rival>-<flu> CI" as text, and ``cis`` (the
     {rival: (low, high)} of `ci_verdict`) kept whole for `ci_metrics`."""
-    return {**{f"{r}-{flu} CI": f"[{lo:+.3f}, {hi:+.3f}]" for r, (lo, hi) in cis.items()}, "cis": dict(cis)}
+    return {**{f"{r}-{flu} CI": interval_text(lo, hi) for r, (lo, hi) in cis.items()}, "cis": dict(cis)}
 
 
 def ci_metrics(task: str, claim: str, verdict: str, cis: dict) -> dict:

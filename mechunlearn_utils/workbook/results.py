@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mechunlearn_utils.core.paths import DATA_DIR, STEMS, MissingResultsError, atomic_write_text  # noqa: F401 (re-exported)
 from mechunlearn_utils.core.serialize import to_plain
-from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict, claim_verdict, in_words  # noqa: F401 (claim_verdict: 07)
+from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict, claim_verdict, in_words, interval_text  # noqa: F401 (claim_verdict: 07)
 
 # Which notebook produces which results directory: used to tell the user what to run.
 NOTEBOOK_OF = {stem: f"notebooks/{stem}.py" for stem in STEMS.values()}
@@ -280,6 +280,6 @@ def attach_cis(verdicts: list[dict], metrics: dict, sources: dict = CI_SOURCES, 
                 metrics.get(f"{v['task']}.{variant}.ci.{r}_minus_flu_high")) for r in rivals]
         v["verdict_ci"] = metrics[key]
         v["ci source"] = variant
-        v["ci (rival - flu)"] = ", ".join(f"{r} [{lo:+.3f}, {hi:+.3f}]" for r, lo, hi in cis if lo is not None)
+        v["ci (rival - flu)"] = ", ".join(f"{r} {interval_text(lo, hi)}" for r, lo, hi in cis if lo is not None)
         got.append(v["id"])
     return sorted(set(got))
