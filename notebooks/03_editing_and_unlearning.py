@@ -361,13 +361,14 @@ print("base weights bit-identical after every edit:", True)
 # `sweep.<task>.<method>.lr` / `.forget_coef` / `.forget_p_true` / `.maintain_p_true`: lists, one
 # entry per setting tried, best first; `weights_restored` (every base weight bit-identical at the end);
 # `protocol` and the sizes it ran with (`steps`, `batch_size`, `lm_batch`, `lm_context`, `lm_positions`, `lm_pool`);
-# `<task>.<method>.per_fact.<forget|maintain>.<format>.p_true`: lists, the value of each evaluated fact
-# (the bootstrap intervals of notebook 07's generalization and maintain claims resample them).
+# `<task>.<method>.per_fact.<forget|maintain>.<format>.p_true`: lists, the value of each evaluated fact,
+# and `<task>.<method>.per_fact.side.lm_loss`, the LM loss of each held-out paragraph (the bootstrap
+# intervals of notebook 07's generalization and side-effect claims resample them).
 
 # %%
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "protocol": PROTOCOL, "steps": STEPS,
            "batch_size": BATCH_SIZE, "lm_batch": LM_BATCH, "lm_context": LM_CONTEXT, "lm_positions": LM_POSITIONS,
-           "lm_pool": LM_POOL, "sweep_steps": SWEEP_STEPS if sweep_rows else 0,
+           "lm_pool": LM_POOL, "n_heldout_text": N_HELDOUT_TEXT, "sweep_steps": SWEEP_STEPS if sweep_rows else 0,
            "sweep_forget_target": SWEEP_FORGET_TARGET, "weights_restored": True}  # the cell above raised otherwise
 for (name, method), row in table.iterrows():
     key = "base" if method == "(base)" else method

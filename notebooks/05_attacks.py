@@ -298,9 +298,13 @@ sp_cfg = A.SoftPromptConfig(n_tokens=SOFT_PROMPT_TOKENS, norm_bound=SOFT_PROMPT_
                             steps=SOFT_PROMPT_STEPS, restarts=RESTARTS, seed=SEED)
 
 
+soft_each = {}  # (task, method, attack): each held-out athlete's p(true) under the attack, for the intervals
+
+
 def soft_prompt(t, m):
     train, heldout = halves[t]
     sp = A.train_soft_prompt(model, train, sp_cfg, progress=False)
+    soft_each[t, m, "soft_prompt"] = list(A.athlete_p_true(model, heldout, soft=sp.vectors))
     return {"forget_p_true": A.sports_p_true(model, heldout, soft=sp.vectors)["p"],
             "train_p_true": A.sports_p_true(model, train, soft=sp.vectors)["p"], "train_loss": sp.train_loss}
 
@@ -327,6 +331,7 @@ if PROTOCOL == "paper" or PAPER_SOFT_PROMPT:
         train, heldout = halves[t]
         sp = A.train_paper_soft_prompt(model, train, psp_cfg, progress=False)
         p = A.paper_soft_prompt_p_true(model, heldout, sp)
+        soft_each[t, m, "paper_soft_prompt"] = list(p)
         lo, hi = A.bootstrap_ci(p.to_numpy())
         return {"forget_p_true": float(p.mean()), "ci_low": lo, "ci_high": hi, "seconds": sp.seconds,
                 "train_p_true": float(A.paper_soft_prompt_p_true(model, train, sp).mean())}
@@ -337,6 +342,14 @@ if PROTOCOL == "paper" or PAPER_SOFT_PROMPT:
     display(table(paper_soft).join(start_table.heldout.rename("heldout, no attack")).round(3))
 else:
     print("the paper's soft-prompt adversary did not run (PROTOCOL='scaled', PAPER_SOFT_PROMPT=False)")
+
+# %% [markdown]
+# **How sure are we?** As for relearning: the paired bootstrap over the held-out athletes of
+# (rival - FLU) under each soft-prompt attack (> 0: FLU's edit held better, the paper's side).
+
+# %%
+soft_ci_verdicts = A.per_athlete_ci_verdicts(soft_each)
+soft_ci_verdicts.filter(regex="^(task|variant|verdict)$|CI$")
 
 # %% [markdown]
 # ## 6 · Formats the edit never trained on
@@ -544,7 +557,7 @@ metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "relearn_steps": RELEAR
            "methods": sorted({m for _, m in edits}), "weights_restored": True, **ours}  # checked above
 metrics.update({f"{r.task}.{r.method}.{r.variant}.heldout_ci_{k}": getattr(r, f"ci_{k}")
                 for r in relearn_ci.itertuples() for k in ("low", "high")})
-for r in relearn_ci_verdicts.itertuples():
+for r in pd.concat([relearn_ci_verdicts, soft_ci_verdicts]).itertuples():  # relearning and soft prompts
     metrics.update(ci_metrics(r.task, r.variant, r.verdict, r.cis))
 for r in split_verdicts.to_dict("records"):  # the LoRA verdict pooled over RELEARN_SPLITS splits
     metrics.update(ci_metrics(r["task"], "relearn_lora_splits", r["verdict"], r["cis"]))

@@ -167,9 +167,10 @@ pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 
 # %% [markdown]
 # **Intervals.** Where a claim's input keeps one value per fact (notebook 05's held-out athletes
-# after LoRA relearning, pooled over several splits of the forget set when 05 ran them, `ci source`;
-# notebook 04's per-athlete hits of the paper's probes; notebook 03's p(true) of each evaluated fact,
-# for generalization and maintain, bootstrapped here), a paired bootstrap
+# after LoRA relearning, pooled over several splits of the forget set when 05 ran them, `ci source`,
+# and under the soft prompt; notebook 04's per-athlete hits of the paper's probes; notebook 03's
+# p(true) of each evaluated fact, for generalization and maintain, and its LM loss on each held-out
+# paragraph, bootstrapped here), a paired bootstrap
 # 95% interval of (rival - FLU) and a second verdict from it: *reproduced* only when every interval lies above 0
 # (FLU holds better), *not reproduced* when every one lies below, *inconclusive* when one covers 0.
 

@@ -18,6 +18,9 @@ def test_every_method_has_every_measure(smoke_metrics):
                 v = m[f"{TASK}.{method}.{measure}.{fmt}.p_true"]
                 assert 0 <= v <= 1
         assert m[f"{TASK}.{method}.side.lm_loss"] > 0
+        each = m[f"{TASK}.{method}.per_fact.side.lm_loss"]  # per held-out paragraph, for 07's interval
+        assert 2 <= len(each) <= m["n_heldout_text"] and sum(each) / len(each) == pytest.approx(
+            m[f"{TASK}.{method}.side.lm_loss"], rel=1e-4)
     assert m["weights_restored"] is True  # the notebook's bitwise weight check ran (it raises otherwise)
     assert m["protocol"] == "scaled" and (m["lm_context"], m["lm_positions"], m["lm_pool"]) == (64, 16, 0)
 

@@ -99,6 +99,13 @@ def test_relearning_intervals(m):
     assert m["protocol"] == "scaled" and not any(".paper_soft_prompt." in k for k in m)  # off by default
 
 
+def test_soft_prompt_interval(m):
+    """The soft-prompt verdict with its paired bootstrap interval over the held-out athletes."""
+    assert m[f"verdict_ci.soft_prompt.{TASK}"] in {"reproduced", "not reproduced", "mixed", "inconclusive"}
+    lo, hi = m[f"{TASK}.soft_prompt.ci.ap_minus_flu_low"], m[f"{TASK}.soft_prompt.ci.ap_minus_flu_high"]
+    assert -1 <= lo <= hi <= 1
+
+
 def test_relearning_verdict_pooled_over_splits(m):
     """SMOKE runs RELEARN_SPLITS = 2: each athlete's held-out p(true) averaged over the splits that held it out."""
     assert m["relearn_splits"] == 2 and m[f"{TASK}.relearn_lora_splits.n_splits"] == 2

@@ -44,3 +44,11 @@ def test_the_paper_probe_verdict_carries_notebook_04_interval(smoke_metrics):
     probes, m = smoke_metrics("04_probing_latent_knowledge"), smoke_metrics("07_results")
     key = "verdict_ci.latent_paper.athletes_to_sport"
     assert probes[key] in VERDICTS | {"inconclusive"} and m[key] == probes[key]
+
+
+def test_side_effect_and_soft_prompt_verdicts_carry_intervals(smoke_metrics):
+    """03's LM loss per held-out paragraph and 05's held-out athletes under the soft prompt give those
+    claims a bootstrap verdict too."""
+    m = smoke_metrics("07_results")
+    for claim in ("side_effects_lm", "soft_prompt"):
+        assert m[f"verdict_ci.{claim}.athletes_to_sport"] in VERDICTS | {"inconclusive"}, claim

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mechunlearn_utils import attacks as A
+from mechunlearn_utils.data.datasets import load_athletes
 from mechunlearn_utils.data.prompts import PAPER_MCQ_ORDER, PAPER_SYSTEM_PROMPT, sport_prompts
 from mechunlearn_utils.evaluate.verdicts import bootstrap_ci, ci_columns, ci_metrics, ci_verdict, diff_ci
 
@@ -148,6 +149,18 @@ def test_relearn_ci_frame_verdicts_and_plot():
     assert len(fig.axes) == 1
 
 
+def test_per_athlete_ci_verdicts_by_task_and_attack():
+    """Any attack's per-athlete values give a verdict per (task, attack): FLU lowest under one attack
+    (reproduced), highest under the other (not reproduced); a rival missing is left out."""
+    low, high = [0.1, 0.15, 0.1, 0.2, 0.1, 0.12], [0.8, 0.7, 0.9, 0.85, 0.75, 0.8]
+    each = {("t", "flu", "soft_prompt"): low, ("t", "ap", "soft_prompt"): high, ("t", "ct", "soft_prompt"): high,
+            ("t", "flu", "other"): high, ("t", "ap", "other"): low}
+    v = A.per_athlete_ci_verdicts(each).set_index("variant")
+    assert v.loc["soft_prompt", "verdict"] == "reproduced" and v.loc["other", "verdict"] == "not reproduced"
+    assert set(v.loc["other", "cis"]) == {"ap"} and v.loc["soft_prompt", "cis"]["ct"][0] > 0
+    assert v.loc["soft_prompt", "ap-flu CI"].startswith("[+")
+
+
 def test_attach_cis_only_where_05_has_intervals():
     from mechunlearn_utils.workbook.results import attach_cis
 
@@ -182,8 +195,24 @@ def test_per_fact_cis_give_03s_claims_intervals_on_the_papers_side():
     assert cis["verdict_ci.side_effects_maintain.t"] == "not reproduced"  # and keeps less (higher is better)
     assert cis["t.generalizes.ci.ap_minus_flu_low"] > 0.3 and cis["t.side_effects_maintain.ci.ct_minus_flu_high"] < -0.3
     assert attach_cis(verdicts, cis) == ["generalizes", "side_effects_maintain"]
-    assert "verdict_ci" not in verdicts[2]  # no per-fact values for the LM loss: no interval
+    assert "verdict_ci" not in verdicts[2]  # no per-paragraph LM losses: no interval
     assert per_fact_cis(verdicts, {}) == {}  # an older 03 run without per-fact values
+    # with them (notebook 03 keeps side.lm_loss per held-out paragraph): the change from base pairs the same way
+    lm = {"t.flu.per_fact.side.lm_loss": [3.0, 3.1, 2.9, 3.2], "t.ap.per_fact.side.lm_loss": [3.5, 3.7, 3.4, 3.6],
+          "t.ct.per_fact.side.lm_loss": [3.4, 3.6, 3.3, 3.5]}
+    cis = per_fact_cis(verdicts, {**edits, **lm})
+    assert cis["verdict_ci.side_effects_lm.t"] == "reproduced" and cis["t.side_effects_lm.ci.ap_minus_flu_low"] > 0.3
+    assert attach_cis(verdicts, cis) == ["generalizes", "side_effects_lm", "side_effects_maintain"]
+
+
+def test_lm_loss_per_paragraph_averages_to_the_loss(tiny):
+    from mechunlearn_utils.evaluate.suite import lm_loss_on_text
+
+    text = [" ".join(load_athletes().athlete.iloc[i * 40:(i + 1) * 40]) for i in range(5)]
+    each = []
+    total = lm_loss_on_text(tiny, text, context=16, batch_size=2, each=each)
+    assert len(each) == 5 and total == pytest.approx(np.mean(each), rel=1e-5)
+    assert lm_loss_on_text(tiny, text, context=16, batch_size=2) == total  # unchanged without `each`
 
 
 def test_split_pooled_relearning_verdict_averages_each_athlete_over_its_held_out_splits():

@@ -33,9 +33,9 @@ from mechunlearn_utils.attacks.quantize import (QUANT_SETTINGS, edit_survival, f
 from mechunlearn_utils.attacks.relearning import (RelearnConfig, RelearnResult, decoder_linear_names,
                                                decoder_parameter_names, full_finetune, lora_adapter, relearn,
                                                relearn_over_splits)
-from mechunlearn_utils.attacks.report import (attack_records, attack_verdicts, control_check, plot_ci_bars,
-                                              plot_recovery, plot_relearn_curves, pooled_heldout, recovery_table,
-                                              relearn_ci_frame, relearn_ci_verdicts, relearn_curve_frame,
+from mechunlearn_utils.attacks.report import (attack_records, attack_verdicts, control_check, per_athlete_ci_verdicts,
+                                              plot_ci_bars, plot_recovery, plot_relearn_curves, pooled_heldout,
+                                              recovery_table, relearn_ci_frame, relearn_ci_verdicts, relearn_curve_frame,
                                               split_ci_verdicts)
 from mechunlearn_utils.attacks.scoring import (AttackError, athlete_p_true, candidate_scores, check_budget,
                                                split_forget, sports_p_true, summary)

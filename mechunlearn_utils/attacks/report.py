@@ -114,17 +114,24 @@ def relearn_ci_frame(results: dict, step: int = -1, level: float = 0.95) -> pd.D
     return pd.DataFrame(rows, columns=["task", "method", "variant", "p_true", "ci_low", "ci_high", "n"])
 
 
-def relearn_ci_verdicts(results: dict, flu: str = "flu", rivals=("ap", "ct")) -> pd.DataFrame:
+def per_athlete_ci_verdicts(per_athlete: dict, flu: str = "flu", rivals=("ap", "ct")) -> pd.DataFrame:
     """Per (task, variant): the verdict with intervals (`evaluate.verdicts.ci_verdict`) on the held-out
-    athletes' p(true) after relearning (lower = the edit held): reproduced only when the paired CI of
+    athletes' p(true) after an attack (lower = the edit held), ``per_athlete[(task, method, variant)]``
+    a list in the same athlete order for every method: reproduced only when the paired CI of
     (rival - FLU) lies above 0 for every rival. Columns task, variant, verdict, and the CIs
     (`evaluate.verdicts.ci_columns`)."""
     rows = []
-    for (t, v) in dict.fromkeys((t, v) for t, _, v in results):
-        per_fact = {m: r.heldout_by_athlete[-1] for (tt, m, vv), r in results.items() if (tt, vv) == (t, v)}
+    for (t, v) in dict.fromkeys((t, v) for t, _, v in per_athlete):
+        per_fact = {m: list(x) for (tt, m, vv), x in per_athlete.items() if (tt, vv) == (t, v)}
         verdict, cis = ci_verdict(per_fact, flu, rivals, lower_is_better=True)
         rows.append(dict(task=t, variant=v, verdict=verdict, **ci_columns(cis, flu)))
     return pd.DataFrame(rows)
+
+
+def relearn_ci_verdicts(results: dict, flu: str = "flu", rivals=("ap", "ct")) -> pd.DataFrame:
+    """`per_athlete_ci_verdicts` of the held-out athletes after relearning (`RelearnResult`s by
+    (task, method, variant)), at the last evaluated step."""
+    return per_athlete_ci_verdicts({k: r.heldout_by_athlete[-1] for k, r in results.items()}, flu, rivals)
 
 
 def pooled_heldout(runs: list[tuple[list[str], list[float]]]) -> dict[str, float]:

@@ -160,8 +160,11 @@ def counterfact_measure(model, facts: pd.DataFrame, fmt: str, answer="target_tru
 
 
 @torch.no_grad()
-def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over the first `context` tokens of each paragraph."""
+def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size: int = 8,
+                    each: list | None = None) -> float:
+    """Mean next-token cross-entropy over the first `context` tokens of each paragraph (those with
+    fewer tokens are skipped). `each`: a list to extend with every scored paragraph's own mean (all
+    have `context` tokens, so their mean is the return value up to float rounding)."""
     ids = [x[:context] for x in (model.encode(p) for p in paragraphs) if len(x) >= context]
     if not ids:
         raise ValueError(f"no paragraph has {context} tokens")
@@ -172,6 +175,9 @@ def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size:
         logits = unembed(model, hidden).float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + t[:, 1:].numel()
+        if each is not None:
+            rows = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t[:, 1:], reduction="none")
+            each.extend(rows.mean(1).tolist())
     return total / count
 
 
@@ -187,7 +193,8 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
     true object's token over the whole vocabulary, not renormalized over the candidates).
     Side effects: ``side.lm_loss`` on held-out text, ``side.unrelated_acc`` on facts not edited.
     `per_fact`: a dict to fill with each ``*.p_true`` measure's value per fact (a list in the
-    order of the task's eval rows), for bootstrap intervals over facts (`evaluate.verdicts`).
+    order of the task's eval rows) and ``side.lm_loss`` per held-out paragraph, for bootstrap
+    intervals over facts / paragraphs (`evaluate.verdicts`).
     """
     out: dict[str, float] = {}
     each: dict[str, list] = per_fact if per_fact is not None else {}
@@ -214,7 +221,8 @@ def evaluate_task(model, task, formats=("normal", "question", "mcq"), heldout_te
             each[f"forget.{fmt}.p_true"], each[f"maintain.{fmt}.p_true"] = r["target_true"]["p_each"], m["p_each"]
         out["neighborhood.p_true"] = counterfact_measure(model, task.eval_forget, "neighborhood")["p"]
     if heldout_text:
-        out["side.lm_loss"] = lm_loss_on_text(model, heldout_text, lm_context)
+        each["side.lm_loss"] = []
+        out["side.lm_loss"] = lm_loss_on_text(model, heldout_text, lm_context, each=each["side.lm_loss"])
     if unrelated_facts is not None and len(unrelated_facts):
         out["side.unrelated_acc"] = counterfact_measure(model, unrelated_facts, "prompt")["acc"]
     return out

@@ -226,17 +226,25 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 
 # Claims whose inputs carry per-fact values, and where their bootstrap verdict lives: notebook 05 keeps the
 # held-out athletes' p(true) after LoRA relearning (`verdict_ci.relearn_lora.<task>`,
-# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`); notebook 04 the per-athlete hits of the paper's
+# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`) and under the soft prompt (`verdict_ci.soft_prompt.<task>`); notebook 04 the per-athlete hits of the paper's
 # probes (`verdict_ci.latent_paper.<task>`, ...); notebook 03 each evaluated fact's p(true), from which
 # `per_fact_cis` makes the verdicts of generalization and maintain. Per claim, the sources in order of
 # preference: the relearning verdict pooled over several splits first, when 05 ran them.
 CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",),
-              "generalizes": ("generalizes",), "side_effects_maintain": ("side_effects_maintain",)}
+              "soft_prompt": ("soft_prompt",),
+              "generalizes": ("generalizes",), "side_effects_maintain": ("side_effects_maintain",),
+              "side_effects_lm": ("side_effects_lm",)}
 
 # Claims of notebook 03 whose per-fact values it keeps (`<task>.<method>.per_fact.<measure>`, the measure of
 # 07's verdict row): is lower the paper's side? Generalization: the forget p(true) in an unseen format;
-# side effects: the maintain p(true) (higher is better).
-PER_FACT_CLAIMS = {"generalizes": True, "side_effects_maintain": False}
+# side effects: the maintain p(true) (higher is better) and the LM loss per held-out paragraph (lower is better).
+PER_FACT_CLAIMS = {"generalizes": True, "side_effects_maintain": False, "side_effects_lm": True}
+
+
+def per_fact_measure(measure: str) -> str:
+    """The per-fact measure behind a verdict row's measure: a change from the base model
+    (``side.lm_loss - base``) has the same paired differences between methods as the measure itself."""
+    return measure.split(" - ")[0]
 
 
 def per_fact_values(metrics: dict) -> dict:
@@ -258,7 +266,8 @@ def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CL
     for v in verdicts:
         if v["id"] not in claims:
             continue
-        per = {m: each[v["task"], m][v["measure"]] for m in methods if v["measure"] in each.get((v["task"], m), {})}
+        measure = per_fact_measure(v["measure"])
+        per = {m: each[v["task"], m][measure] for m in methods if measure in each.get((v["task"], m), {})}
         verdict, cis = ci_verdict(per, lower_is_better=claims[v["id"]])
         if cis:
             out.update(ci_metrics(v["task"], v["id"], verdict, cis))
