@@ -76,7 +76,7 @@ from mechunlearn_utils.edit.masking import (MaskConfig, edit_measures, mask_widg
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.core.reproducibility import EVAL_ATOL, restore_check, weight_digests
 from mechunlearn_utils.workbook.results import read_metrics, save_figure, write_metrics
-from mechunlearn_utils.data.tasks import make_task
+from mechunlearn_utils.data.tasks import make_task, size_kwargs
 
 STEM = "06_weight_masking"
 t_start = time.perf_counter()
@@ -94,8 +94,7 @@ if SMOKE:
 # %%
 model = load_model(MODEL, DEVICE, dtype=DTYPE)
 athletes, facts = known_athletes(RESULTS_DIR), known_facts(RESULTS_DIR)
-kw = dict(sport=SPORT) if TASK in ("sport_to_golf", "unlearn_sport") else dict(n=N_FACTS)
-task = make_task(TASK, athletes=athletes, facts=facts, seed=SEED, **kw)
+task = make_task(TASK, athletes=athletes, facts=facts, seed=SEED, **size_kwargs(TASK, SPORT, N_FACTS))
 locs = load_localizations(RESULTS_DIR, "sports", model)
 locs = {m: locs[m] for m in (METHODS or list(locs)) if m in locs}
 GEN = "mcq" if read_metrics(RESULTS_DIR, "00_setup")["mcq_usable"] else "question"

@@ -52,9 +52,9 @@ import seaborn as sns
 from mechunlearn_utils.workbook.notebook import start
 from mechunlearn_utils.viz.plotting import pareto_plot
 from mechunlearn_utils.evaluate.verdicts import spread_table
-from mechunlearn_utils.workbook.results import (PAPER_TABLE_OF_TASK, MissingResultsError, attach_cis, claim_verdict,
+from mechunlearn_utils.workbook.results import (MissingResultsError, attach_cis, claim_verdict,
                                                latent_position, load_paper_results, metrics_long, notebook_dir,
-                                               paper_numbers, per_fact_cis, per_fact_values, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
+                                               paper_by_task, paper_numbers, per_fact_cis, per_fact_values, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
                                                write_metrics)
 
 STEM = "07_results"
@@ -192,8 +192,7 @@ print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of
 # *Predict:* where will the nonlocalized edit sit, and where the unedited model (`base`)?
 
 # %%
-paper_by_task = paper.assign(task=paper.table.map({v: k for k, v in PAPER_TABLE_OF_TASK.items()}))
-fig = pareto_plot(ours, paper_by_task, spread=spread_table(per_fact_values(edits)))
+fig = pareto_plot(ours, paper_by_task(paper, ours.task.unique()), spread=spread_table(per_fact_values(edits)))
 save_figure(fig, RESULTS_DIR, STEM, "pareto_forget_maintain")
 
 # %% [markdown]

@@ -105,6 +105,29 @@ def test_diverging_loss_stops_and_keeps_last_good_weights(tiny, athletes, text):
         restore(tiny, saved)
 
 
+def test_the_papers_three_whole_sport_splits_are_tasks(athletes):
+    """football_to_golf is sport_to_golf with the sport fixed by the name: same split, own name; its
+    saved record (sport=...) rebuilds it; a contradicting sport is an error."""
+    from mechunlearn_utils.data.tasks import WHOLE_SPORT_TASKS, size_kwargs
+
+    assert set(WHOLE_SPORT_TASKS) == {"basketball_to_golf", "football_to_golf", "baseball_to_golf"}
+    football = make_task("football_to_golf", athletes=athletes, seed=3, n_maintain=6)
+    same = make_task("sport_to_golf", athletes=athletes, sport="football", seed=3, n_maintain=6)
+    assert football.name == "football_to_golf" and same.name == "sport_to_golf"
+    assert football.meta == same.meta and set(football.train_forget.sport) == {"football"}
+    pd.testing.assert_frame_equal(football.eval_forget, same.eval_forget)
+    from mechunlearn_utils.edit.storage import task_kwargs
+
+    again = make_task("football_to_golf", athletes=athletes, n_maintain=6,
+                      **task_kwargs({"task": "football_to_golf", "task_meta": football.meta}))  # as 04-06 rebuild it
+    pd.testing.assert_frame_equal(again.train_forget, football.train_forget)
+    with pytest.raises(ValueError, match="forgets football, not 'golf'"):
+        make_task("football_to_golf", athletes=athletes, sport="golf")
+    assert size_kwargs("football_to_golf", "basketball", 16) == {}
+    assert size_kwargs("sport_to_golf", "baseball", 16) == {"sport": "baseball"}
+    assert size_kwargs("athletes_to_sport", "baseball", 16) == {"n": 16}
+
+
 def test_evaluate_task_reports_every_measure(tiny, athletes):
     task = make_task("sport_to_golf", athletes=athletes, sport="basketball", n_maintain=6)
     each = {}

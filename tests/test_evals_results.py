@@ -91,6 +91,10 @@ def test_side_by_side_joins_on_task_method_measure():
     assert len(table) == 2
     row = table[(table.task == "sport_to_golf") & (table.method == "flu")].iloc[0]
     assert row.ours == 0.2 and row.paper == 0.278
+    # the paper's whole-sport table is a mean over its three sport splits: each of ours is set beside it
+    per_sport = metrics_long({"football_to_golf.flu.forget.mcq.p_true": 0.3, "baseball_to_golf.ct.forget.mcq.p_true": 0.4})
+    both = side_by_side(per_sport, load_paper_results()).set_index("task")
+    assert both.loc["football_to_golf", "paper"] == 0.278 and both.loc["baseball_to_golf", "paper"] == 0.462
 
 
 def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_path):

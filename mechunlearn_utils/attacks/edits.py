@@ -9,9 +9,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mechunlearn_utils.attacks.scoring import AttackError
+from mechunlearn_utils.data.tasks import WHOLE_SPORT_TASKS
 from mechunlearn_utils.edit.storage import available_methods, edit_path, edited, snapshot
 
-SPORTS_TASKS = ("athletes_to_sport", "sport_to_golf", "unlearn_sport")
+SPORTS_TASKS = ("athletes_to_sport", "sport_to_golf", "unlearn_sport", *WHOLE_SPORT_TASKS)
 
 
 def find_edits(results_dir, tasks: list[str], methods: list[str] | None = None) -> dict:

@@ -7,8 +7,11 @@ A `Task` holds prompt sets built from the facts notebook 00 kept:
 * ``eval_forget`` / ``eval_maintain``  facts evaluated after the edit (for the whole-sport task
   the forget evaluation is the held-out half of the sport: the edit must generalize to it)
 
-Tasks, as in the paper: ``sport_to_golf`` (whole sport -> golf), ``athletes_to_sport`` (N athletes ->
-another sport), ``counterfact`` (N facts -> target_new), ``unlearn_sport`` (log(1-p) on one sport).
+Tasks, as in the paper: ``sport_to_golf`` (whole sport -> golf; the sport a parameter, basketball
+by default), ``athletes_to_sport`` (N athletes -> another sport), ``counterfact`` (N facts ->
+target_new), ``unlearn_sport`` (log(1-p) on one sport). The paper's whole-sport results are means over
+its three splits, one per sport: ``basketball_to_golf``, ``football_to_golf``, ``baseball_to_golf``
+are `sport_to_golf` with the sport fixed by the name (`WHOLE_SPORT_TASKS`, `whole_sport_of`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ import pandas as pd
 
 from mechunlearn_utils.data.prompts import SPORTS
 
-TASKS = ("sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport")
+WHOLE_SPORT_TASKS = {f"{sport}_to_golf": sport for sport in SPORTS}  # the paper's three splits, one task each
+TASKS = ("sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport", *WHOLE_SPORT_TASKS)
+
+
+def whole_sport_of(name: str) -> str | None:
+    """The sport a task name fixes (``football_to_golf`` -> football), None for every other name."""
+    return WHOLE_SPORT_TASKS.get(name)
 
 
 @dataclass
@@ -54,8 +63,9 @@ def split_half(df: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame
 
 
 def sport_to_golf(athletes: pd.DataFrame, sport: str = "basketball", seed: int = 0,
-                  n_maintain: int = 64, mode: str = "edit") -> Task:
-    """Train half of `sport`'s athletes -> golf; evaluate the held-out half and other sports."""
+                  n_maintain: int = 64, mode: str = "edit", name: str | None = None) -> Task:
+    """Train half of `sport`'s athletes -> golf; evaluate the held-out half and other sports
+    (`name`: the task's name, "sport_to_golf" / "unlearn_sport" by default)."""
     if sport not in SPORTS:
         raise ValueError(f"unknown sport {sport!r}; choose one of {SPORTS}")
     rng = np.random.default_rng(seed)
@@ -67,7 +77,7 @@ def sport_to_golf(athletes: pd.DataFrame, sport: str = "basketball", seed: int =
     others = athletes[athletes.sport != sport].sample(frac=1.0, random_state=seed)
     train_m, eval_m = split_half(others.head(2 * n_maintain), rng)
     _check_nonempty(train_m, "maintain")
-    name = "sport_to_golf" if mode == "edit" else "unlearn_sport"
+    name = name or ("sport_to_golf" if mode == "edit" else "unlearn_sport")
     return Task(name, "sports", mode, train_f, train_m, eval_f, eval_m,
                 meta=dict(sport=sport, target="golf" if mode == "edit" else None, seed=seed))
 
@@ -108,15 +118,29 @@ def counterfact_task(facts: pd.DataFrame, n: int = 16, seed: int = 0, n_maintain
 
 def make_task(name: str, athletes: pd.DataFrame | None = None, facts: pd.DataFrame | None = None,
               **kwargs) -> Task:
-    """Build a task by name (see TASKS)."""
+    """Build a task by name (see TASKS). A per-sport whole-sport task (``football_to_golf``) takes
+    its sport from the name; a `sport` keyword (an edit's saved record) must agree with it."""
     builders = {"sport_to_golf": sport_to_golf, "athletes_to_sport": athletes_to_sport,
                 "unlearn_sport": unlearn_sport, "counterfact": counterfact_task}
+    fixed = whole_sport_of(name)
+    if fixed is not None:
+        if kwargs.setdefault("sport", fixed) != fixed:
+            raise ValueError(f"task {name!r} forgets {fixed}, not {kwargs['sport']!r}")
+        builders[name] = lambda source, **kw: sport_to_golf(source, name=name, **kw)
     if name not in builders:
         raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
     source = facts if name == "counterfact" else athletes
     if source is None or len(source) == 0:
         raise ValueError(f"task {name!r} needs a non-empty {'facts' if name == 'counterfact' else 'athletes'} table")
     return builders[name](source, **kwargs)
+
+
+def size_kwargs(name: str, sport: str = "basketball", n: int = 16) -> dict:
+    """The `make_task` keywords a notebook's SPORT and N_FACTS parameters give task `name`: the sport
+    of ``sport_to_golf`` / ``unlearn_sport``, none for a per-sport task (its name fixes it), else `n`."""
+    if name in ("sport_to_golf", "unlearn_sport"):
+        return dict(sport=sport)
+    return {} if name in WHOLE_SPORT_TASKS else dict(n=n)
 
 
 def unrelated_facts(task: Task, facts: pd.DataFrame, n: int) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mechunlearn_utils.core.paths import DATA_DIR, STEMS, MissingResultsError, atomic_write_text  # noqa: F401 (re-exported)
 from mechunlearn_utils.core.serialize import to_plain
+from mechunlearn_utils.data.tasks import WHOLE_SPORT_TASKS
 from mechunlearn_utils.evaluate.verdicts import ci_metrics, ci_verdict, claim_verdict, in_words, interval_text  # noqa: F401 (claim_verdict: 07)
 
 # Which notebook produces which results directory: used to tell the user what to run.
@@ -112,7 +113,17 @@ def verdict_lines(table, tasks: dict, mcq_usable: bool, flu: str = "flu", ot=("a
 
 PAPER_RESULTS_CSV = DATA_DIR / "paper_results.csv"
 PAPER_TABLE_OF_TASK = {"sport_to_golf": "sports_golf", "athletes_to_sport": "sports_athletes",
-                       "counterfact": "counterfact"}
+                       "counterfact": "counterfact", **{t: "sports_golf" for t in WHOLE_SPORT_TASKS}}
+
+
+def paper_by_task(paper, tasks):
+    """The paper's rows (`load_paper_results`) with a `task` column: for each of our `tasks`, the rows of
+    the paper's table for it (`PAPER_TABLE_OF_TASK`; the three per-sport whole-sport tasks share one)."""
+    import pandas as pd
+
+    parts = [paper[paper.table == PAPER_TABLE_OF_TASK[t]].assign(task=t) for t in dict.fromkeys(tasks)
+             if t in PAPER_TABLE_OF_TASK]
+    return pd.concat(parts, ignore_index=True) if parts else paper.iloc[:0].assign(task=[])
 
 
 def load_paper_results(path=PAPER_RESULTS_CSV):
@@ -137,7 +148,7 @@ def metrics_long(metrics: dict, tasks=None):
 
 def side_by_side(ours, paper):
     """Join our long table with the paper's on (task, method, measure): columns ours, paper."""
-    paper = paper.assign(task=paper.table.map({v: k for k, v in PAPER_TABLE_OF_TASK.items()}))
+    paper = paper_by_task(paper, ours.task.unique())
     merged = ours.merge(paper[["task", "method", "measure", "value"]], on=["task", "method", "measure"],
                         how="inner", suffixes=("_ours", "_paper"))
     return merged.rename(columns={"value_ours": "ours", "value_paper": "paper"})
