@@ -54,13 +54,17 @@ from mechunlearn_utils.viz.plotting import pareto_plot
 from mechunlearn_utils.evaluate.verdicts import spread_table
 from mechunlearn_utils.workbook.results import (MissingResultsError, attach_cis, claim_verdict,
                                                latent_position, load_paper_results, metrics_long, notebook_dir,
-                                               paper_by_task, paper_numbers, per_fact_cis, per_fact_values, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
+                                               WHOLE_SPORT_POOLED, paper_by_task, paper_numbers, per_fact_cis, pool_whole_sport, per_fact_values, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
                                                write_metrics)
 
 STEM = "07_results"
 RESULTS_DIR = start(SEED, RESULTS_DIR)
 setup = read_metrics(RESULTS_DIR, "00_setup")
 edits = read_metrics(RESULTS_DIR, "03_editing_and_unlearning")
+pooled = pool_whole_sport(edits)  # the paper's whole-sport table is a mean over its three sport splits
+edits.update(pooled)
+print(f"{WHOLE_SPORT_POOLED}: the mean over 03's per-sport tasks" if pooled else
+      "no pooled whole-sport task: 03 ran fewer than two of basketball_to_golf, football_to_golf, baseball_to_golf")
 ours = metrics_long(edits)
 print(f"model {edits['model']}, {ours.task.nunique()} tasks, {ours.method.nunique()} methods "
       f"(incl. base), smoke={edits['smoke']}")

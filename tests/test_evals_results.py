@@ -193,3 +193,19 @@ def test_report_script_relearning_curves_verdict_columns_and_readme_block(tmp_pa
     with pytest.raises(SystemExit, match="report_results"):
         mod["main"]([str(tmp_path), "--readme", str(readme)])
 
+
+def test_whole_sport_tasks_pool_into_the_papers_mean_over_sports():
+    """Two or more per-sport tasks of 03 -> one pooled task: means over the sports, per-fact lists
+    concatenated in task order; a measure missing from one sport is left out; one sport pools nothing."""
+    from mechunlearn_utils.workbook.results import PAPER_TABLE_OF_TASK, WHOLE_SPORT_POOLED, pool_whole_sport
+
+    m = {"basketball_to_golf.flu.forget.question.p_true": 0.1, "football_to_golf.flu.forget.question.p_true": 0.3,
+         "basketball_to_golf.flu.per_fact.forget.question.p_true": [0.1, 0.1],
+         "football_to_golf.flu.per_fact.forget.question.p_true": [0.2, 0.4],
+         "football_to_golf.ap.side.lm_loss": 3.0, "athletes_to_sport.flu.forget.question.p_true": 0.9,
+         "basketball_to_golf.flu.train.steps_done": True, "model": "x"}
+    pooled = pool_whole_sport(m)
+    assert pooled == {f"{WHOLE_SPORT_POOLED}.flu.forget.question.p_true": pytest.approx(0.2),
+                      f"{WHOLE_SPORT_POOLED}.flu.per_fact.forget.question.p_true": [0.1, 0.1, 0.2, 0.4]}
+    assert pool_whole_sport({k: v for k, v in m.items() if not k.startswith("football")}) == {}
+    assert PAPER_TABLE_OF_TASK[WHOLE_SPORT_POOLED] == "sports_golf"

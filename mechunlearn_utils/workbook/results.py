@@ -113,7 +113,8 @@ def verdict_lines(table, tasks: dict, mcq_usable: bool, flu: str = "flu", ot=("a
 
 PAPER_RESULTS_CSV = DATA_DIR / "paper_results.csv"
 PAPER_TABLE_OF_TASK = {"sport_to_golf": "sports_golf", "athletes_to_sport": "sports_athletes",
-                       "counterfact": "counterfact", **{t: "sports_golf" for t in WHOLE_SPORT_TASKS}}
+                       "counterfact": "counterfact", **{t: "sports_golf" for t in WHOLE_SPORT_TASKS},
+                       "whole_sport_pooled": "sports_golf"}  # `pool_whole_sport`: the paper's mean over sports
 
 
 def paper_by_task(paper, tasks):
@@ -265,6 +266,35 @@ def per_fact_values(metrics: dict) -> dict:
         task, method, rest = (key.split(".", 2) + ["", ""])[:3]
         if rest.startswith("per_fact.") and isinstance(value, list):
             out.setdefault((task, method), {})[rest[len("per_fact."):]] = value
+    return out
+
+
+WHOLE_SPORT_POOLED = "whole_sport_pooled"  # the task name of `pool_whole_sport`'s rows
+
+
+def pool_whole_sport(metrics: dict, name: str = WHOLE_SPORT_POOLED) -> dict:
+    """The paper's whole-sport numbers are means over its three sport splits. When notebook 03 ran
+    two or more of the per-sport tasks (`data.tasks.WHOLE_SPORT_TASKS`), their pooled task `name`:
+    per (method, measure) measured in every one of them, the mean over the sports, and per-fact
+    lists concatenated (different athletes; paired across methods within each sport, so the
+    paired bootstrap stays paired). {} with fewer than two."""
+    tasks = [t for t in WHOLE_SPORT_TASKS if any(k.startswith(f"{t}.") for k in metrics)]
+    if len(tasks) < 2:
+        return {}
+    values: dict = {}
+    for key, value in metrics.items():
+        task, rest = (key.split(".", 1) + [""])[:2]
+        if task in tasks and rest and not isinstance(value, bool) and isinstance(value, (int, float, list)):
+            values.setdefault(rest, {})[task] = value
+    out = {}
+    for rest, by_task in values.items():
+        if len(by_task) < len(tasks):
+            continue
+        if all(isinstance(v, list) for v in by_task.values()):
+            if ".per_fact." in f".{rest}":
+                out[f"{name}.{rest}"] = [x for t in tasks for x in by_task[t]]
+        elif not any(isinstance(v, list) for v in by_task.values()):
+            out[f"{name}.{rest}"] = sum(float(by_task[t]) for t in tasks) / len(tasks)
     return out
 
 
