@@ -176,8 +176,8 @@ def lm_loss_on_text(model, paragraphs: list[str], context: int = 64, batch_size:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + t[:, 1:].numel()
         if each is not None:
-            rows = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t[:, 1:], reduction="none")
-            each.extend(rows.mean(1).tolist())
+            rows = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="none")
+            each.extend(rows.view(len(t), -1).mean(1).tolist())
     return total / count
 
 
