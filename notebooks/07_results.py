@@ -52,10 +52,11 @@ import seaborn as sns
 from mechunlearn_utils.workbook.notebook import start
 from mechunlearn_utils.viz.plotting import pareto_plot
 from mechunlearn_utils.evaluate.verdicts import spread_table
-from mechunlearn_utils.workbook.results import (MissingResultsError, attach_cis, claim_verdict,
+from mechunlearn_utils.workbook.results import (WHOLE_SPORT_POOLED, MissingResultsError, attach_cis, claim_verdict,
                                                latent_position, load_paper_results, metrics_long, notebook_dir,
-                                               WHOLE_SPORT_POOLED, paper_by_task, paper_numbers, per_fact_cis, pool_whole_sport, per_fact_values, read_metrics, robustness_vs_side_effects, save_figure, side_by_side,
-                                               write_metrics)
+                                               paper_by_task, paper_numbers, per_fact_cis, per_fact_values,
+                                               pool_whole_sport, read_metrics, robustness_vs_side_effects,
+                                               save_figure, side_by_side, write_metrics)
 
 STEM = "07_results"
 RESULTS_DIR = start(SEED, RESULTS_DIR)

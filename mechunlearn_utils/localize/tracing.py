@@ -39,9 +39,9 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
                    noise_rule: str = "scale_std", start_layers: bool = True) -> TracingResult:
     """Causal tracing of every MLP output and every head's output (hook_z), batched.
 
-    One clean pass, then rows (fact, noise sample, component) in batches of `batch_size`: each row
-    is the noised prompt with one component restored to its clean value at every position (a row
-    with no restoration gives p_corrupt). Items whose p_clean - p_corrupt <= `min_gap` are left out
+    One clean pass, one noised pass per (fact, noise sample) (p_corrupt), then rows (fact, noise
+    sample, component) in batches of `batch_size`: each row is the noised prompt with one component
+    restored to its clean value at every position. Items whose p_clean - p_corrupt <= `min_gap` are left out
     of the average (counted in ``info['n_items_used']``; ``min_gap=None`` keeps every item).
     ``noise_rule``: see `gaussian_subject_noise` ("paper_sqrt" is the paper code's noise level).
     ``start_layers`` (tl / hf backends): a restored run starts at the layer it restores, from the

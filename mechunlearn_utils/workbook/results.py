@@ -112,9 +112,10 @@ def verdict_lines(table, tasks: dict, mcq_usable: bool, flu: str = "flu", ot=("a
 # --------------------------------------------------------------------------- side by side with the paper
 
 PAPER_RESULTS_CSV = DATA_DIR / "paper_results.csv"
+WHOLE_SPORT_POOLED = "whole_sport_pooled"  # the task name of `pool_whole_sport`'s rows
 PAPER_TABLE_OF_TASK = {"sport_to_golf": "sports_golf", "athletes_to_sport": "sports_athletes",
                        "counterfact": "counterfact", **{t: "sports_golf" for t in WHOLE_SPORT_TASKS},
-                       "whole_sport_pooled": "sports_golf"}  # `pool_whole_sport`: the paper's mean over sports
+                       WHOLE_SPORT_POOLED: "sports_golf"}  # the paper's table is the mean over its sports
 
 
 def paper_by_task(paper, tasks):
@@ -238,10 +239,12 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 
 # Claims whose inputs carry per-fact values, and where their bootstrap verdict lives: notebook 05 keeps the
 # held-out athletes' p(true) after LoRA relearning (`verdict_ci.relearn_lora.<task>`,
-# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`) and under the soft prompt (`verdict_ci.soft_prompt.<task>`); notebook 04 the per-athlete hits of the paper's
-# probes (`verdict_ci.latent_paper.<task>`, ...); notebook 03 each evaluated fact's p(true), from which
-# `per_fact_cis` makes the verdicts of generalization and maintain. Per claim, the sources in order of
-# preference: the relearning verdict pooled over several splits first, when 05 ran them.
+# `<task>.relearn_lora.ci.<rival>_minus_flu_low/high`) and under the soft prompt
+# (`verdict_ci.soft_prompt.<task>`); notebook 04 the per-athlete hits of the paper's probes
+# (`verdict_ci.latent_paper.<task>`, ...); notebook 03 each evaluated fact's p(true) and each held-out
+# paragraph's LM loss, from which `per_fact_cis` makes the verdicts of generalization and side effects.
+# Per claim, the sources in order of preference: the relearning verdict pooled over several splits
+# first, when 05 ran them.
 CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",),
               "soft_prompt": ("soft_prompt",),
               "generalizes": ("generalizes",), "side_effects_maintain": ("side_effects_maintain",),
@@ -267,9 +270,6 @@ def per_fact_values(metrics: dict) -> dict:
         if rest.startswith("per_fact.") and isinstance(value, list):
             out.setdefault((task, method), {})[rest[len("per_fact."):]] = value
     return out
-
-
-WHOLE_SPORT_POOLED = "whole_sport_pooled"  # the task name of `pool_whole_sport`'s rows
 
 
 def pool_whole_sport(metrics: dict, name: str = WHOLE_SPORT_POOLED) -> dict:
