@@ -329,15 +329,16 @@ for line in verdict_lines(table, tasks, mcq_usable=setup["mcq_usable"]):
 # set with as many athletes of every sport, and shows the answer in every format and the side
 # effects: maintain p(true) and the LM loss on a few held-out paragraphs, before and after. The
 # widget needs a live kernel. So that the result shows without one, the cell first queries the
-# same way an edit section 4 already made and saved (FLU's, on `athletes_to_sport`: one of its
-# athletes; no training at run time).
+# same way an edit section 4 already made and saved (FLU's, on `athletes_to_sport` when it ran: one
+# of its athletes; no training at run time).
 
 # %%
 from mechunlearn_utils.viz.widgets import edit_fact_widget, query_saved_edit  # noqa: E402
 
 swept_lr = {m: s["lr"] for m, s in chosen.items()}  # methods the sweep skipped: the widget's default
-saved = [(t, m) for t in tasks if tasks[t].kind == "sports" and tasks[t].mode == "edit" for m in ("flu", "ap")
-         if (t, m) in results]
+editing = sorted((t for t in tasks if tasks[t].kind == "sports" and tasks[t].mode == "edit"),
+                 key=lambda t: t != "athletes_to_sport")  # athletes_to_sport first, as the text says
+saved = [(t, m) for t in editing for m in ("flu", "ap") if (t, m) in results]
 if saved:
     demo_task, demo_method = saved[0]
     print(f"the saved {demo_method} edit of {demo_task}:")

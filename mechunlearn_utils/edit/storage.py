@@ -4,7 +4,7 @@
                                               copies back
 * `save_edit`, `load_edited`, `edited`         an edit on disk: only the changed matrices
                                               (safetensors) plus a JSON of how it was made
-* `edits_dir`, `available_methods`, `edit_path`, `edit_paths`, `edit_info`, `task_kwargs`,
+* `edits_dir`, `available_methods`, `edit_path`, `edit_paths`, `edit_record`, `edit_info`, `task_kwargs`,
   `task_from_edit`                            the edits notebook 03 saved under a RESULTS_DIR, and
                                               the task (same split) each was trained on
 """
@@ -72,7 +72,7 @@ def load_edited(model, path) -> dict[str, torch.Tensor]:
     path = Path(path).with_suffix(".safetensors")
     if not path.exists():
         raise FileNotFoundError(f"no saved edit at {path}: run {EDITS_NOTEBOOK} first")
-    info = json.loads(path.with_suffix(".json").read_text())
+    info = edit_record(path)
     if info.get("model") != model.name:
         raise EditError(f"edit {path.name} was made for {info.get('model')!r}, not {model.name!r}")
     tensors = load_file(str(path))
@@ -132,9 +132,14 @@ def edit_paths(results_dir, task: str, methods=None) -> dict[str, Path]:
     return {m: edit_path(results_dir, task, m) for m in (methods or have)}
 
 
+def edit_record(path) -> dict:
+    """The JSON written next to a saved edit (`save_edit`: model, param_names, task, task_meta, config, ...)."""
+    return json.loads(Path(path).with_suffix(".json").read_text())
+
+
 def edit_info(results_dir, task: str, method: str) -> dict:
     """The JSON notebook 03 wrote next to the edit (task, task_meta, config, method, ...)."""
-    return json.loads(edit_path(results_dir, task, method).with_suffix(".json").read_text())
+    return edit_record(edit_path(results_dir, task, method))
 
 
 def task_kwargs(info: dict) -> dict:
@@ -152,7 +157,7 @@ def task_from_edit(paths: dict[str, Path], athletes, facts=None):
     """Rebuild the task the edits were trained on (same split) from the metadata notebook 03 saved."""
     from mechunlearn_utils.data.tasks import make_task
 
-    metas = {m: json.loads(Path(p).with_suffix(".json").read_text()) for m, p in paths.items()}
+    metas = {m: edit_record(p) for m, p in paths.items()}
     names = {(v["task"], json.dumps(v.get("task_meta", {}), sort_keys=True)) for v in metas.values()}
     if len(names) != 1:
         raise ValueError(f"the saved edits were made on different tasks or splits: {sorted(names)}")

@@ -3,9 +3,7 @@ directly so the default renders statically under papermill."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
@@ -49,7 +47,7 @@ def athlete_before_after(model, athletes: pd.DataFrame, athlete: str, new_sport:
                          lr: float = float("nan")) -> AthleteEdit:
     """One athlete's answers in every format (p of the old and of the new sport) and the side
     effects (maintain p(true) on `balanced_maintain`'s athletes; LM loss on `heldout_text`), before
-    and inside ``with put_on(maintain):``, a context manager that puts an edit on the model and
+    and inside ``with put_on(forget, maintain):``, a context manager that puts an edit on the model and
     takes it off again (training one, `edit_one_athlete`; a saved one, `query_saved_edit`)."""
     from mechunlearn_utils.evaluate.suite import lm_loss_on_text, sports_measure
 
@@ -115,7 +113,7 @@ def query_saved_edit(model, path, athletes: pd.DataFrame, heldout_text: list[str
     """A saved edit of notebook 03 (an editing task of the sports facts), queried on one athlete it
     edited (`athlete`; None: the first of its training split) like `edit_one_athlete`, without
     training anything: the edit is put on and taken off (`edit.storage.edited`)."""
-    from mechunlearn_utils.edit.storage import edited, task_from_edit
+    from mechunlearn_utils.edit.storage import edit_record, edited, task_from_edit
 
     task = task_from_edit({"edit": path}, athletes)
     if task.kind != "sports" or task.mode != "edit":
@@ -124,7 +122,7 @@ def query_saved_edit(model, path, athletes: pd.DataFrame, heldout_text: list[str
     pick = edited_rows.iloc[:1] if athlete is None else edited_rows[edited_rows.athlete == athlete]
     if pick.empty:
         raise ValueError(f"{athlete!r} is not an athlete this edit changed (task {task.name})")
-    cfg = json.loads(Path(path).with_suffix(".json").read_text()).get("config", {})
+    cfg = edit_record(path).get("config", {})
     return athlete_before_after(model, athletes, pick.athlete.iloc[0], pick.target.iloc[0],
                                 lambda forget, maintain: edited(model, path), heldout_text, per_sport,
                                 cfg.get("lr", float("nan")))
