@@ -121,3 +121,28 @@ def test_auto_measures_once_per_host_and_keeps_the_choice(monkeypatch, tmp_path)
     assert list(stored.values()) == [2.0] and "torch" in next(iter(stored))
     monkeypatch.setattr(P, "_SPEEDUP", {})  # a new process: read back, not measured again
     assert P.bf16_speedup("cpu") == 2.0 and len(calls) == 2
+
+
+def test_unembed_is_one_matrix_product_in_both_dtypes(tiny, tiny_bf16):
+    """3-d hidden states are folded to one [n, d] @ [d, vocab] product: in bf16, a 3-d input made
+    torch run `bmm` on a copy of the whole unembedding (forward and backward), 43% of a LoRA step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mechunlearn_utils.core.logits import unembed
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for model, shape in [(m, s) for m in (tiny, tiny_bf16) for s in ((1, 7), (2, 5))]:
+        d = model.hf.config.hidden_size
+        leaf = torch.randn(shape[0], shape[1] + 1, d, dtype=model.dtype, requires_grad=True)
+        h = leaf[:, :-1]  # as `lm_loss` slices it: with one sequence, "contiguous" but not foldable
+        seen = set()
+        with Ops():
+            out = unembed(model, h)
+            out.float().logsumexp(-1).sum().backward()
+        assert out.shape == (*shape, model.hf.config.vocab_size) and "bmm" not in seen and "mm" in seen, seen
+        rows = unembed(model, h.detach().reshape(-1, d)).view(*shape, -1)
+        assert torch.equal(out.detach(), rows)  # the same numbers as row by row, bit for bit

@@ -19,8 +19,12 @@ def softcap(model, logits: torch.Tensor) -> torch.Tensor:
 
 
 def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Final-norm'd hidden states [..., d] -> logits [..., vocab] (with Gemma's soft-capping)."""
-    return softcap(model, model.hf.lm_head(hidden))
+    """Final-norm'd hidden states [..., d] -> logits [..., vocab] (with Gemma's soft-capping).
+
+    Folded to one [n, d] @ [d, vocab] product: a 3-d bf16 input made torch run `bmm` on a copy of
+    the whole 262k x 640 unembedding, forward and backward (0.4 s a call on a 2-core CPU)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return softcap(model, model.hf.lm_head(flat)).view(*hidden.shape[:-1], -1)
 
 
 def token_logits(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
