@@ -113,6 +113,27 @@ def test_compare_runs_reports_the_largest_difference_and_ignores_timings(tmp_pat
     assert t.loc["01_x", "over_tol"] == ["curve"] and t.loc["01_x", "n_over_tol"] == 1 and t.loc["02_y", "n_over_tol"] == 0
 
 
+def test_compare_verdicts_lines_up_two_runs_and_flags_changes(tmp_path):
+    import pandas as pd
+
+    from mechunlearn_utils.workbook.results import MissingResultsError, compare_verdicts
+
+    rows = dict(id=["g", "g", "r"], task=["t1", "t2", "t1"], measure=["m", "m", "x"],
+                verdict=["reproduced", "mixed", "not reproduced"], verdict_ci=["reproduced", "inconclusive", "-"],
+                numbers=["1", "2", "3"])
+    for run, change in (("a", {}), ("b", {1: "reproduced"})):
+        (tmp_path / run / "07_results").mkdir(parents=True)
+        t = pd.DataFrame(rows)
+        for i, v in change.items():
+            t.loc[i, "verdict"] = v
+        t.iloc[:2 if run == "b" else 3].to_csv(tmp_path / run / "07_results" / "verdicts.csv", index=False)
+    v = compare_verdicts(tmp_path / "a", tmp_path / "b").set_index(["id", "task"])
+    assert list(v.changed) == [False, True, True]  # same; verdict changed; a row only in run a
+    assert v.loc[("g", "t2"), "verdict (a)"] == "mixed" and v.loc[("g", "t2"), "verdict (b)"] == "reproduced"
+    with pytest.raises(MissingResultsError, match="07_results"):
+        compare_verdicts(tmp_path / "a", tmp_path / "missing")
+
+
 def test_latent_position_is_where_the_base_probe_reads_best():
     from mechunlearn_utils.workbook.results import latent_position
 

@@ -94,14 +94,19 @@ def test_a_bf16_edit_trains_and_restores_bitwise(tiny_bf16, task, text):
     names = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
     everything = snapshot(tiny_bf16, list(tiny_bf16.named_parameters()))
     base = snapshot(tiny_bf16, names)
-    res = train_edit(tiny_bf16, names, task, text, EditConfig(steps=3, lr=1e-3, batch_size=4, lm_batch=1,
-                                                               lm_context=8), progress=False)
+    cfg = EditConfig(steps=3, lr=1e-3, batch_size=4, lm_batch=1, lm_context=8)
+    res = train_edit(tiny_bf16, names, task, text, cfg, progress=False)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
     params = tiny_bf16.named_parameters()
     assert any(not torch.equal(params[n], base[n]) for n in names)
     assert all(params[n].dtype is torch.bfloat16 and params[n].grad is None for n in names)
+    edited = snapshot(tiny_bf16, names)
     restore(tiny_bf16, base)
     assert all(torch.equal(params[n], t) and params[n].dtype == t.dtype for n, t in everything.items())
+    again = train_edit(tiny_bf16, names, task, text, cfg, progress=False)  # same dtype, same seed: the same edit
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in res.history]
+    assert all(torch.equal(params[n], edited[n]) for n in names)
+    restore(tiny_bf16, base)
     mlp = tiny_bf16.layers[1].mlp
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in (mlp.up_proj, mlp.down_proj))
 

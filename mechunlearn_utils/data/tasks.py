@@ -120,19 +120,23 @@ def make_task(name: str, athletes: pd.DataFrame | None = None, facts: pd.DataFra
               **kwargs) -> Task:
     """Build a task by name (see TASKS). A per-sport whole-sport task (``football_to_golf``) takes
     its sport from the name; a `sport` keyword (an edit's saved record) must agree with it."""
-    builders = {"sport_to_golf": sport_to_golf, "athletes_to_sport": athletes_to_sport,
-                "unlearn_sport": unlearn_sport, "counterfact": counterfact_task}
+    if name not in BUILDERS:
+        raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
     fixed = whole_sport_of(name)
     if fixed is not None:
         if kwargs.setdefault("sport", fixed) != fixed:
             raise ValueError(f"task {name!r} forgets {fixed}, not {kwargs['sport']!r}")
-        builders[name] = lambda source, **kw: sport_to_golf(source, name=name, **kw)
-    if name not in builders:
-        raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
+        kwargs["name"] = name
     source = facts if name == "counterfact" else athletes
     if source is None or len(source) == 0:
         raise ValueError(f"task {name!r} needs a non-empty {'facts' if name == 'counterfact' else 'athletes'} table")
-    return builders[name](source, **kwargs)
+    return BUILDERS[name](source, **kwargs)
+
+
+# Every task name and its builder: the per-sport whole-sport tasks are sport_to_golf under their own name.
+BUILDERS = {"sport_to_golf": sport_to_golf, "athletes_to_sport": athletes_to_sport, "unlearn_sport": unlearn_sport,
+            "counterfact": counterfact_task, **{t: sport_to_golf for t in WHOLE_SPORT_TASKS}}
+assert set(BUILDERS) == set(TASKS)
 
 
 def size_kwargs(name: str, sport: str = "basketball", n: int = 16) -> dict:

@@ -52,7 +52,6 @@ PROTOCOLS = ("paper", "ours")
 # paper protocol's two controls (probes fit on shuffled labels, scored against the true sport; the
 # probes' 5-fold cross-validated accuracy on the edited model's own maintain athletes).
 LABELS = ("true", "edit", "shuffled", "maintain_cv")
-PROBE_TASKS = ("athletes_to_sport", "sport_to_golf")
 
 
 # --------------------------------------------------------------------------- activations
