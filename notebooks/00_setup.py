@@ -38,7 +38,7 @@
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"  # packaged: gemma-3-270m, smollm2-135m; or any HF hub id on a GPU box
 DEVICE = "auto"
-DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
+DTYPE = "float32"  # exact: 00-02 decide which facts are known and where they sit (README: Precision)
 SEED = 0
 SMOKE = False  # True: a small subset, for CI
 ATHLETES_CSV = "default"  # "paper": the paper's sports.csv (python -m mechunlearn_utils fetch-paper-data)

@@ -48,7 +48,7 @@
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
-DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
+DTYPE = "float32"  # exact: 00-02 decide which facts are known and where they sit (README: Precision)
 SEED = 0
 SMOKE = False  # True: a handful of athletes, for CI
 RESULTS_DIR = ""  # "" -> <repo>/results

@@ -39,7 +39,7 @@
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
-DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
+DTYPE = "auto"  # bf16 (fp32 masters) where native and measured faster, else fp32; "float32": exact (README: Precision)
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
@@ -63,6 +63,9 @@ LM_POSITIONS = 16  # ... scoring this many sampled positions each (0: all) ...
 LM_POOL = 0  # ... drawn from this many paragraphs (0: 4 x LM_BATCH, fixed; -1: every training paragraph)
 LR = 1e-4  # used for every method unless the sweep picks another
 FORGET_COEF = 1.0
+SEEDS = 3  # SEED_METHODS edited again on SEED_TASKS at seeds SEED+1, ... (other athletes, other training
+SEED_TASKS = ["athletes_to_sport"]  # draws): notebook 07's intervals of the editing claims pool the seeds
+SEED_METHODS = ["flu", "ap", "ct"]  # (section 4b; 1: one seed, as before)
 SWEEP = True  # choose lr and coef per method on the training split (small grid)
 SWEEP_TASKS = ["athletes_to_sport"]  # swept here; every task reuses the method's choice
 SWEEP_LRS = [1e-4, 3e-4]  # 3e-5 never reaches the edit in the sweep's steps
@@ -75,6 +78,7 @@ SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 import time
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -105,6 +109,7 @@ if SMOKE:
     TASKS, STEPS, N_FACTS, SWEEP_LRS, SWEEP_STEPS = ["athletes_to_sport"], 8, 8, [1e-4, 3e-4], 2
     METHODS = ["flu", "ap", "random", "extraction"]
     N_MAINTAIN, N_HELDOUT_TEXT, N_UNRELATED = 16, 8, 16
+    SEEDS, SEED_TASKS, SEED_METHODS = 2, ["athletes_to_sport"], ["flu", "ap"]
 
 # %% [markdown]
 # ## 1 · Model, facts, localizations
@@ -138,9 +143,9 @@ print(f"{len(text)} paragraphs; MCQ usable on this model: {setup['mcq_usable']}"
 # * **unlearn_sport**: forget half of one sport with `-log(1-p)` (no injected answer).
 
 # %%
-def build(name):
+def build(name, seed=SEED):
     n_maintain = N_MAINTAIN // 2 if name == "counterfact" else N_MAINTAIN
-    return make_task(name, athletes=athletes, facts=facts, seed=SEED, n_maintain=n_maintain,
+    return make_task(name, athletes=athletes, facts=facts, seed=seed, n_maintain=n_maintain,
                      **size_kwargs(name, SPORT, N_FACTS))
 
 
@@ -273,6 +278,31 @@ for name, task in tasks.items():
         histories[name, method] = pd.DataFrame(res.history)
 
 # %% [markdown]
+# ### 4b · The same edits from other seeds
+# One edit per method is one draw: other athletes, or other batches drawn during training, could
+# move a verdict. So the methods the paper compares are edited again on `SEED_TASKS` with seeds
+# `SEED + 1`, `SEED + 2`, ... (each seed draws its own athletes and its own training batches, at
+# the setting section 3 chose). They are evaluated like the edits above, not saved; notebook 07 pools
+# their per-fact values with section 4's for the intervals of its editing claims.
+
+# %%
+seed_each = {}  # (task, method, k) -> {measure: per-fact values} of the edit at seed SEED + k
+for k in range(1, SEEDS):
+    for name in [t for t in SEED_TASKS if t in tasks]:
+        task_k = build(name, seed=SEED + k)
+        for method in [m for m in SEED_METHODS if m in methods_for(task_k)]:
+            edit_and_evaluate(model, localizations[task_k.kind][method].params, task_k, train_text,
+                              edit_config(**setting(task_k, method), seed=SEED + k),
+                              {**eval_kwargs(task_k), "per_fact": seed_each.setdefault((name, method, k), {})})
+# %% [markdown]
+# The mean of each measure per seed (seed 0: section 4's edit): how far one draw moves a number.
+
+# %%
+by_seed = {(n, m, 0): each[n, m] for n, m, _ in seed_each} | seed_each
+seed_means = pd.DataFrame({key: {k: np.mean(v) for k, v in d.items()} for key, d in by_seed.items()}).T
+seed_means.rename_axis(["task", "method", "seed"]).sort_index().round(3)
+
+# %% [markdown]
 # ## 5 · Results, task by task
 # Rows are methods (plus the unedited model); lower is better for `forget.*.p_true` (the old
 # answer is gone), higher for `maintain.*` and `p_target` (the new answer took).
@@ -365,7 +395,9 @@ print("base weights bit-identical after every edit:", True)
 # `protocol` and the sizes it ran with (`steps`, `batch_size`, `lm_batch`, `lm_context`, `lm_positions`, `lm_pool`);
 # `<task>.<method>.per_fact.<forget|maintain>.<format>.p_true`: lists, the value of each evaluated fact,
 # and `<task>.<method>.per_fact.side.lm_loss`, the LM loss of each held-out paragraph (the bootstrap
-# intervals of notebook 07's generalization and side-effect claims resample them).
+# intervals of notebook 07's generalization and side-effect claims resample them);
+# `<task>.<method>.per_fact_seed<k>.<measure>`: the same lists for the edits of section 4b at seed
+# `SEED + k`, and `seeds`, `seed_tasks`, `seed_methods`.
 
 # %%
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "protocol": PROTOCOL, "steps": STEPS,
@@ -383,5 +415,8 @@ sweep_table = pd.DataFrame(sweep_rows, columns=["task", "method", *SWEPT])
 for (name, method), tried in sweep_table.groupby(["task", "method"]):
     metrics.update({f"sweep.{name}.{method}.{c}": tried[c].astype(float).tolist() for c in SWEPT})
 metrics.update({f"{name}.{method}.per_fact.{k}": v for (name, method), d in each.items() for k, v in d.items()})
+metrics.update({f"{name}.{method}.per_fact_seed{s}.{k}": v for (name, method, s), d in seed_each.items()
+                for k, v in d.items()})
+metrics.update({"seeds": SEEDS, "seed_tasks": SEED_TASKS, "seed_methods": SEED_METHODS})
 metrics["seconds_total"] = time.perf_counter() - t_start
 write_metrics(RESULTS_DIR, STEM, metrics)

@@ -54,7 +54,7 @@
 # %% tags=["parameters"]
 MODEL = "gemma-3-270m"
 DEVICE = "auto"
-DTYPE = "float32"  # exact, the reference numbers; "auto": bf16 where native and measured faster (README: bf16)
+DTYPE = "auto"  # bf16 (fp32 masters) where native and measured faster, else fp32; "float32": exact (README: Precision)
 SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results

@@ -175,13 +175,16 @@ pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 # after LoRA relearning, pooled over several splits of the forget set when 05 ran them, `ci source`,
 # and under the soft prompt; notebook 04's per-athlete hits of the paper's probes; notebook 03's
 # p(true) of each evaluated fact, for generalization and maintain, and its LM loss on each held-out
-# paragraph, bootstrapped here), a paired bootstrap
+# paragraph, bootstrapped here, pooled over the seeds 03 edited its tasks with: `ci source`
+# `<claim>_seeds`), a paired bootstrap
 # 95% interval of (rival - FLU) and a second verdict from it: *reproduced* only when every interval lies above 0
 # (FLU holds better), *not reproduced* when every one lies below, *inconclusive* when one covers 0.
 
 # %%
-with_ci = attach_cis(verdicts, {**per_fact_cis(verdicts, edits), **attacks, **probes})
+edit_cis = per_fact_cis(verdicts, edits)
+with_ci = attach_cis(verdicts, {**edit_cis, **attacks, **probes})
 without = sorted({v["id"] for v in verdicts} - set(with_ci))
+print("seeds pooled per editing claim:", {k.rsplit(".", 1)[0]: n for k, n in edit_cis.items() if k.endswith(".n_seeds")})
 print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of {without}, so no interval there")
 
 # %% [markdown]
@@ -265,6 +268,7 @@ verdict_table
 # `RESULTS_DIR/07_results/metrics.json`: `verdict.<claim id>.<task>` (the verdict string; ids
 # generalizes, relearning, soft_prompt, latent_paper, latent, side_effects_lm, side_effects_maintain),
 # `verdict_ci.<claim id>.<task>` (the verdict from the bootstrap intervals, where the inputs have them),
+# `ci_seeds.<claim id>.<task>` (how many of notebook 03's seeds an editing claim's interval pools),
 # `n_compared` (cells compared with the paper), `mcq_usable`, `smoke`.
 
 # %%
@@ -273,4 +277,6 @@ metrics = {"model": edits["model"], "smoke": SMOKE, "mcq_usable": setup["mcq_usa
 for row in verdict_table.itertuples():
     metrics[f"verdict.{row.id}.{row.task}"] = row.verdict
 metrics.update({f"verdict_ci.{v['id']}.{v['task']}": v["verdict_ci"] for v in verdicts if "verdict_ci" in v})
+metrics.update({f"ci_seeds.{k.rsplit('.', 2)[1].removesuffix('_seeds')}.{k.split('.')[0]}": n
+                for k, n in edit_cis.items() if k.endswith(".n_seeds")})
 write_metrics(RESULTS_DIR, STEM, metrics)

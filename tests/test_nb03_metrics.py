@@ -64,3 +64,16 @@ def test_sweep_is_recorded_and_its_choice_is_used(smoke_metrics):
         best = rank_settings(rows, m["sweep_forget_target"])[0]  # the training split decides, by the notebook's rule
         assert m[f"{TASK}.{method}.lr"] == pytest.approx(best["lr"])
         assert m[f"{TASK}.{method}.forget_coef"] == pytest.approx(best["forget_coef"])
+
+
+def test_other_seeds_edit_other_athletes_and_take(smoke_metrics):
+    """Section 4b: the edits at SEED + 1 evaluate as many facts as section 4's, other ones, and took
+    (every forgotten athlete started above notebook 00's known threshold, 0.5)."""
+    m = smoke_metrics("03_editing_and_unlearning")
+    assert m["seeds"] == 2 and m["seed_methods"]
+    for method in m["seed_methods"]:
+        first = m[f"{TASK}.{method}.per_fact.forget.normal.p_true"]
+        other = m[f"{TASK}.{method}.per_fact_seed1.forget.normal.p_true"]
+        assert len(other) == len(first) and other != first, method
+        assert sum(other) / len(other) < 0.5, method
+        assert len(m[f"{TASK}.{method}.per_fact_seed1.side.lm_loss"]) == m["n_heldout_text"]

@@ -52,3 +52,13 @@ def test_side_effect_and_soft_prompt_verdicts_carry_intervals(smoke_metrics):
     m = smoke_metrics("07_results")
     for claim in ("side_effects_lm", "soft_prompt"):
         assert m[f"verdict_ci.{claim}.athletes_to_sport"] in VERDICTS | {"inconclusive"}, claim
+
+
+def test_editing_intervals_pool_the_seeds_notebook_03_edited(smoke_metrics):
+    """03's SMOKE run edits athletes_to_sport with FLU and AP at a second seed: the generalization and
+    side-effect intervals pool both seeds, and 07 says so."""
+    edits, m = smoke_metrics("03_editing_and_unlearning"), smoke_metrics("07_results")
+    assert edits["seeds"] == 2 and any(".per_fact_seed1." in k for k in edits)
+    for claim in ("generalizes", "side_effects_maintain", "side_effects_lm"):
+        assert m[f"ci_seeds.{claim}.athletes_to_sport"] == 2, claim
+        assert m[f"verdict_ci.{claim}.athletes_to_sport"] in VERDICTS | {"inconclusive"}, claim

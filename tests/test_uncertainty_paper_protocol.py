@@ -205,6 +205,28 @@ def test_per_fact_cis_give_03s_claims_intervals_on_the_papers_side():
     assert attach_cis(verdicts, cis) == ["generalizes", "side_effects_lm", "side_effects_maintain"]
 
 
+def test_per_fact_cis_pool_the_seeds_every_compared_method_has():
+    from mechunlearn_utils.workbook.results import attach_cis, per_fact_by_seed, per_fact_cis, per_fact_values
+
+    # seed 0: FLU barely better (inconclusive on 3 facts); seeds 1 and 2 repeat it: 9 paired facts
+    flu, ap = [0.10, 0.30, 0.20], [0.12, 0.31, 0.24]
+    edits = {f"t.{m}.{head}.forget.question.p_true": v for m, v in (("flu", flu), ("ap", ap), ("ct", ap))
+             for head in ("per_fact", "per_fact_seed1", "per_fact_seed2")}
+    edits["t.ct.per_fact_seed3.forget.question.p_true"] = ap  # a seed FLU lacks: not pooled
+    edits["t.flu.per_fact_seedx.forget.question.p_true"] = ap  # not a seed key
+    assert sorted(per_fact_by_seed(edits)["t", "ct"]["forget.question.p_true"]) == [0, 1, 2, 3]
+    assert per_fact_values(edits)["t", "flu"] == {"forget.question.p_true": flu}  # seed 0 only
+    verdicts = [dict(id="generalizes", task="t", measure="forget.question.p_true", verdict="mixed")]
+    one = per_fact_cis(verdicts, {k: v for k, v in edits.items() if ".per_fact." in k})
+    assert "verdict_ci.generalizes.t" in one and "t.generalizes.n_seeds" in one
+    cis = per_fact_cis(verdicts, edits)
+    assert cis["t.generalizes_seeds.n_seeds"] == 3 and "verdict_ci.generalizes.t" not in cis
+    w1 = one["t.generalizes.ci.ap_minus_flu_high"] - one["t.generalizes.ci.ap_minus_flu_low"]
+    w3 = cis["t.generalizes_seeds.ci.ap_minus_flu_high"] - cis["t.generalizes_seeds.ci.ap_minus_flu_low"]
+    assert w3 < w1  # three times the facts: a narrower interval
+    assert attach_cis(verdicts, cis) == ["generalizes"] and verdicts[0]["ci source"] == "generalizes_seeds"
+
+
 def test_lm_loss_per_paragraph_averages_to_the_loss(tiny):
     from mechunlearn_utils.evaluate.suite import lm_loss_on_text
 

@@ -227,6 +227,27 @@ def compare_runs(dir_a, dir_b, ignore=TIMING_WORDS, tol: float | None = None):
     return pd.DataFrame(rows, columns=columns + (["n_over_tol", "over_tol"] if tol is not None else []))
 
 
+def compare_verdicts(dir_a, dir_b, labels=("a", "b")):
+    """Notebook 07's verdicts (`verdicts.csv`) of two RESULTS_DIRs side by side, one row per claim,
+    task and measure: each run's margin verdict and interval verdict, and `changed` (either differs;
+    a row present in one run only counts as changed). Says which notebook to run when one is missing."""
+    import pandas as pd
+
+    key = ["id", "task", "measure"]
+    tables = []
+    for d, label in zip((dir_a, dir_b), labels):
+        t = pd.read_csv(require_file(d, "07_results", "verdicts.csv"))
+        cols = [c for c in ("verdict", "verdict_ci", "numbers") if c in t]
+        tables.append(t.set_index(key)[cols].add_suffix(f" ({label})"))
+    both = tables[0].join(tables[1], how="outer")
+    a, b = labels
+    changed = pd.Series(False, index=both.index)
+    for col in ("verdict", "verdict_ci"):
+        if f"{col} ({a})" in both and f"{col} ({b})" in both:
+            changed |= both[f"{col} ({a})"].fillna("-") != both[f"{col} ({b})"].fillna("-")
+    return both.assign(changed=changed).reset_index()
+
+
 def latent_position(probes: dict, positions=("final", "subject")) -> str:
     """The probe position (notebook 04 keys `<task>.base.<pos>.true_acc.mid`) where the probe reads
     the true fact best in the unedited model, averaged over tasks; the first when nothing is there."""
@@ -245,10 +266,13 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 # paragraph's LM loss, from which `per_fact_cis` makes the verdicts of generalization and side effects.
 # Per claim, the sources in order of preference: the relearning verdict pooled over several splits
 # first, when 05 ran them.
+# Notebook 03's claims likewise: pooled over the extra seeds of its edits (`<claim>_seeds`) where 03 made them.
 CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",),
               "soft_prompt": ("soft_prompt",),
-              "generalizes": ("generalizes",), "side_effects_maintain": ("side_effects_maintain",),
-              "side_effects_lm": ("side_effects_lm",)}
+              "generalizes": ("generalizes_seeds", "generalizes"),
+              "side_effects_maintain": ("side_effects_maintain_seeds", "side_effects_maintain"),
+              "side_effects_lm": ("side_effects_lm_seeds", "side_effects_lm")}
+SEED_PREFIX = "per_fact_seed"  # notebook 03's extra seeds: `<task>.<method>.per_fact_seed<k>.<measure>`
 
 # Claims of notebook 03 whose per-fact values it keeps (`<task>.<method>.per_fact.<measure>`, the measure of
 # 07's verdict row): is lower the paper's side? Generalization: the forget p(true) in an unseen format;
@@ -264,11 +288,27 @@ def per_fact_measure(measure: str) -> str:
 
 def per_fact_values(metrics: dict) -> dict:
     """Notebook 03's per-fact lists (`<task>.<method>.per_fact.<measure>`) as {(task, method): {measure: values}}."""
+    return {tm: {measure: by_seed[0] for measure, by_seed in d.items() if 0 in by_seed}
+            for tm, d in per_fact_by_seed(metrics).items()}
+
+
+def per_fact_by_seed(metrics: dict) -> dict:
+    """Notebook 03's per-fact lists of every seed it edited with: {(task, method): {measure: {k: values}}},
+    k = 0 for the edit of `SEED` (`<task>.<method>.per_fact.<measure>`) and k >= 1 for the edits of
+    `SEED + k` (`<task>.<method>.per_fact_seed<k>.<measure>`, other facts and other training draws)."""
     out: dict = {}
     for key, value in metrics.items():
         task, method, rest = (key.split(".", 2) + ["", ""])[:3]
-        if rest.startswith("per_fact.") and isinstance(value, list):
-            out.setdefault((task, method), {})[rest[len("per_fact."):]] = value
+        head, _, measure = rest.partition(".")
+        if not isinstance(value, list) or not measure:
+            continue
+        if head == "per_fact":
+            k = 0
+        elif head.startswith(SEED_PREFIX) and head[len(SEED_PREFIX):].isdigit():
+            k = int(head[len(SEED_PREFIX):])
+        else:
+            continue
+        out.setdefault((task, method), {}).setdefault(measure, {})[k] = value
     return out
 
 
@@ -303,15 +343,22 @@ def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CL
     """The paired bootstrap verdicts (`evaluate.verdicts.ci_verdict`) of notebook 03's claims from the
     per-fact values 03 keeps, as metrics in the key form of notebooks 04 and 05 (`ci_metrics`), for
     `attach_cis`. Verdict rows without per-fact values (an older 03 run) get none."""
-    out, each = {}, per_fact_values(metrics)
+    out, each = {}, per_fact_by_seed(metrics)
     for v in verdicts:
         if v["id"] not in claims:
             continue
         measure = per_fact_measure(v["measure"])
-        per = {m: each[v["task"], m][measure] for m in methods if measure in each.get((v["task"], m), {})}
+        by_seed = {m: each[v["task"], m][measure] for m in methods if measure in each.get((v["task"], m), {})}
+        seeds = sorted(set.intersection(*(set(d) for d in by_seed.values()))) if by_seed else []
+        if not seeds:
+            continue
+        # Paired across methods within a seed (the same facts in the same order), so the pooled lists stay paired.
+        per = {m: [x for k in seeds for x in d[k]] for m, d in by_seed.items()}
         verdict, cis = ci_verdict(per, lower_is_better=claims[v["id"]])
         if cis:
-            out.update(ci_metrics(v["task"], v["id"], verdict, cis))
+            name = v["id"] + ("_seeds" if len(seeds) > 1 else "")
+            out.update(ci_metrics(v["task"], name, verdict, cis))
+            out[f"{v['task']}.{name}.n_seeds"] = len(seeds)
     return out
 
 
