@@ -78,7 +78,6 @@ SOLUTIONS = True  # False: write the exercises yourself (fill the ... stubs)
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -86,7 +85,7 @@ from mechunlearn_utils import load_model
 from mechunlearn_utils.data.datasets import load_general_text
 from mechunlearn_utils.edit.train import PAPER_SWEEP, EditConfig, edit_and_evaluate, protocol_table, sweep
 from mechunlearn_utils.evaluate.suite import evaluate_task
-from mechunlearn_utils.evaluate.verdicts import spread_table
+from mechunlearn_utils.evaluate.verdicts import seed_means, spread_table
 from mechunlearn_utils.localize import load_localizations
 from mechunlearn_utils.workbook.notebook import known_athletes, known_facts, start
 from mechunlearn_utils.viz.plotting import edit_summary_plot
@@ -298,9 +297,7 @@ for k in range(1, SEEDS):
 # The mean of each measure per seed (seed 0: section 4's edit): how far one draw moves a number.
 
 # %%
-by_seed = {(n, m, 0): each[n, m] for n, m, _ in seed_each} | seed_each
-seed_means = pd.DataFrame({key: {k: np.mean(v) for k, v in d.items()} for key, d in by_seed.items()}).T
-seed_means.rename_axis(["task", "method", "seed"]).sort_index().round(3)
+seed_means(each, seed_each).round(3)  # empty with SEEDS = 1
 
 # %% [markdown]
 # ## 5 · Results, task by task

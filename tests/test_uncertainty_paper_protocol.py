@@ -290,3 +290,15 @@ def test_relearn_over_splits_runs_each_seed_split_and_reuses_the_first(monkeypat
     names = [tuple(n) for n, _ in runs["t", "flu"]]
     assert len(set(names)) > 1 and runs["t", "flu"][0][1] == [0.1] * 4 and names[1:] == calls
     assert all(len(n) == 4 and set(n) <= set(task.eval_forget.athlete) for n in names)
+
+
+def test_seed_means_per_task_method_and_seed_and_empty_with_one_seed():
+    from mechunlearn_utils.evaluate.verdicts import seed_means
+
+    each = {("t", "flu"): {"m": [0.0, 0.2]}, ("t", "ap"): {"m": [0.5, 0.7]}, ("u", "flu"): {"m": [1.0]}}
+    per_seed = {("t", "flu", 1): {"m": [0.4, 0.6]}, ("t", "flu", 2): {"m": [0.3]}}
+    table = seed_means(each, per_seed)
+    assert table.index.names == ["task", "method", "seed"]
+    assert table["m"].to_dict() == pytest.approx({("t", "flu", 0): 0.1, ("t", "flu", 1): 0.5, ("t", "flu", 2): 0.3})
+    empty = seed_means(each, {})  # SEEDS = 1: nothing to show, and no error
+    assert empty.empty and empty.index.names == ["task", "method", "seed"]

@@ -89,6 +89,18 @@ def spread_table(per_fact: dict, level: float = 0.95, seed: int = 0):
     return pd.DataFrame(rows, columns=["task", "method", "measure", "mean", "low", "high"])
 
 
+def seed_means(per_fact: dict, per_seed: dict):
+    """The mean of each per-fact measure per (task, method, seed), for the pairs edited at more than
+    one seed: seed 0 from ``per_fact[(task, method)]``, seed k from ``per_seed[(task, method, k)]``
+    (both ``{measure: values}``). Empty, with the same index names, when nothing has another seed."""
+    import pandas as pd
+
+    rows = {(t, m, 0): per_fact[t, m] for t, m, _ in per_seed if (t, m) in per_fact} | dict(per_seed)
+    table = pd.DataFrame({key: {k: float(np.mean(v)) for k, v in d.items() if len(v)} for key, d in rows.items()}).T
+    index = pd.MultiIndex.from_tuples(list(table.index) if len(table) else [], names=["task", "method", "seed"])
+    return table.set_axis(index).sort_index()
+
+
 def interval_text(low: float, high: float) -> str:
     """An interval as every table and reading guide of the workbook writes it: ``[-0.045, +0.123]``."""
     return f"[{low:+.3f}, {high:+.3f}]"
