@@ -184,7 +184,8 @@ pd.DataFrame([v for v in verdicts if v["id"] in {c[0] for c in CLAIMS_2_3}])
 edit_cis = per_fact_cis(verdicts, edits)
 with_ci = attach_cis(verdicts, {**edit_cis, **attacks, **probes})
 without = sorted({v["id"] for v in verdicts} - set(with_ci))
-print("seeds pooled per editing claim:", {k.rsplit(".", 1)[0]: n for k, n in edit_cis.items() if k.endswith(".n_seeds")})
+seeds_pooled = {k: n for k, n in edit_cis.items() if k.startswith("ci_seeds.")}
+print("seeds pooled per editing claim:", seeds_pooled)
 print(f"CI columns for: {with_ci or 'none'}; no per-fact values in the inputs of {without}, so no interval there")
 
 # %% [markdown]
@@ -277,6 +278,5 @@ metrics = {"model": edits["model"], "smoke": SMOKE, "mcq_usable": setup["mcq_usa
 for row in verdict_table.itertuples():
     metrics[f"verdict.{row.id}.{row.task}"] = row.verdict
 metrics.update({f"verdict_ci.{v['id']}.{v['task']}": v["verdict_ci"] for v in verdicts if "verdict_ci" in v})
-metrics.update({f"ci_seeds.{k.rsplit('.', 2)[1].removesuffix('_seeds')}.{k.split('.')[0]}": n
-                for k, n in edit_cis.items() if k.endswith(".n_seeds")})
+metrics.update(seeds_pooled)
 write_metrics(RESULTS_DIR, STEM, metrics)

@@ -218,9 +218,9 @@ def test_per_fact_cis_pool_the_seeds_every_compared_method_has():
     assert per_fact_values(edits)["t", "flu"] == {"forget.question.p_true": flu}  # seed 0 only
     verdicts = [dict(id="generalizes", task="t", measure="forget.question.p_true", verdict="mixed")]
     one = per_fact_cis(verdicts, {k: v for k, v in edits.items() if ".per_fact." in k})
-    assert "verdict_ci.generalizes.t" in one and "t.generalizes.n_seeds" in one
+    assert "verdict_ci.generalizes.t" in one and one["ci_seeds.generalizes.t"] == 1
     cis = per_fact_cis(verdicts, edits)
-    assert cis["t.generalizes_seeds.n_seeds"] == 3 and "verdict_ci.generalizes.t" not in cis
+    assert cis["ci_seeds.generalizes.t"] == 3 and "verdict_ci.generalizes.t" not in cis
     w1 = one["t.generalizes.ci.ap_minus_flu_high"] - one["t.generalizes.ci.ap_minus_flu_low"]
     w3 = cis["t.generalizes_seeds.ci.ap_minus_flu_high"] - cis["t.generalizes_seeds.ci.ap_minus_flu_low"]
     assert w3 < w1  # three times the facts: a narrower interval

@@ -342,7 +342,8 @@ def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CL
                  methods=("flu", "ap", "ct")) -> dict:
     """The paired bootstrap verdicts (`evaluate.verdicts.ci_verdict`) of notebook 03's claims from the
     per-fact values 03 keeps, as metrics in the key form of notebooks 04 and 05 (`ci_metrics`), for
-    `attach_cis`. Verdict rows without per-fact values (an older 03 run) get none."""
+    `attach_cis`, and ``ci_seeds.<claim>.<task>``: how many of 03's seeds each interval pools.
+    Verdict rows without per-fact values (an older 03 run) get none."""
     out, each = {}, per_fact_by_seed(metrics)
     for v in verdicts:
         if v["id"] not in claims:
@@ -356,9 +357,8 @@ def per_fact_cis(verdicts: list[dict], metrics: dict, claims: dict = PER_FACT_CL
         per = {m: [x for k in seeds for x in d[k]] for m, d in by_seed.items()}
         verdict, cis = ci_verdict(per, lower_is_better=claims[v["id"]])
         if cis:
-            name = v["id"] + ("_seeds" if len(seeds) > 1 else "")
-            out.update(ci_metrics(v["task"], name, verdict, cis))
-            out[f"{v['task']}.{name}.n_seeds"] = len(seeds)
+            out.update(ci_metrics(v["task"], v["id"] + ("_seeds" if len(seeds) > 1 else ""), verdict, cis))
+            out[f"ci_seeds.{v['id']}.{v['task']}"] = len(seeds)  # notebook 07 keeps these as they are
     return out
 
 
