@@ -94,7 +94,7 @@ from mechunlearn_utils.workbook.results import notebook_dir, read_metrics, save_
 from mechunlearn_utils.data.tasks import make_task, size_kwargs, unrelated_facts
 
 STEM = "03_editing_and_unlearning"
-t_start = time.perf_counter()
+t_start, seconds = time.perf_counter(), {}  # seconds: each section's wall time
 RESULTS_DIR = start(SEED, RESULTS_DIR)
 OUT = notebook_dir(RESULTS_DIR, STEM)
 assert PROTOCOL in ("scaled", "paper"), f"PROTOCOL must be 'scaled' or 'paper', got {PROTOCOL!r}"
@@ -202,8 +202,10 @@ def eval_kwargs(task):
 
 
 each = {}  # (task, method) -> {measure: per-fact values}, for intervals over facts (notebook 07)
+t0 = time.perf_counter()
 base_rows = {name: evaluate_task(model, t, **eval_kwargs(t), per_fact=each.setdefault((name, "base"), {}))
              for name, t in tasks.items()}
+seconds["base_eval"] = time.perf_counter() - t0
 pd.DataFrame(base_rows).round(3)
 
 # %% [markdown]
@@ -239,6 +241,7 @@ def methods_for(task):
 
 
 chosen, sweep_rows = {}, []
+t0 = time.perf_counter()
 for name, task in tasks.items():
     if not SWEEP or name not in SWEEP_TASKS:
         continue
@@ -248,6 +251,7 @@ for name, task in tasks.items():
                      forget_target=SWEEP_FORGET_TARGET)
         sweep_rows += [dict(task=name, method=method, **r) for r in rows]
         chosen.setdefault(method, {k: rows[0][k] for k in ("lr", "forget_coef")})
+seconds["sweep"] = time.perf_counter() - t0
 if sweep_rows:
     display(pd.DataFrame(sweep_rows).pivot_table(index=["task", "method"], columns=["lr", "forget_coef"],
                                                  values=["forget_p_true", "maintain_p_true"]).round(3))
@@ -266,6 +270,7 @@ pd.DataFrame({(n, m): setting(t, m) for n, t in tasks.items() for m in methods_f
 
 # %%
 results, histories = {}, {}
+t0 = time.perf_counter()
 for name, task in tasks.items():
     for method, loc in methods_for(task).items():
         cfg = edit_config(**setting(task, method))
@@ -275,6 +280,7 @@ for name, task in tasks.items():
             {**eval_kwargs(task), "per_fact": each.setdefault((name, method), {})}, save_path=path,
             meta=dict(method=method, localization_n_params=loc.n_params))
         histories[name, method] = pd.DataFrame(res.history)
+seconds["edits"] = time.perf_counter() - t0
 
 # %% [markdown]
 # ### 4b · The same edits from other seeds
@@ -286,6 +292,7 @@ for name, task in tasks.items():
 
 # %%
 seed_each = {}  # (task, method, k) -> {measure: per-fact values} of the edit at seed SEED + k
+t0 = time.perf_counter()
 for k in range(1, SEEDS):
     for name in [t for t in SEED_TASKS if t in tasks]:
         task_k = build(name, seed=SEED + k)
@@ -293,6 +300,7 @@ for k in range(1, SEEDS):
             edit_and_evaluate(model, localizations[task_k.kind][method].params, task_k, train_text,
                               edit_config(**setting(task_k, method), seed=SEED + k),
                               {**eval_kwargs(task_k), "per_fact": seed_each.setdefault((name, method, k), {})})
+seconds["seeds"] = time.perf_counter() - t0
 # %% [markdown]
 # The mean of each measure per seed (seed 0: section 4's edit): how far one draw moves a number.
 
@@ -394,7 +402,8 @@ print("base weights bit-identical after every edit:", True)
 # and `<task>.<method>.per_fact.side.lm_loss`, the LM loss of each held-out paragraph (the bootstrap
 # intervals of notebook 07's generalization and side-effect claims resample them);
 # `<task>.<method>.per_fact_seed<k>.<measure>`: the same lists for the edits of section 4b at seed
-# `SEED + k`, and `seeds`, `seed_tasks`, `seed_methods`.
+# `SEED + k`, and `seeds`, `seed_tasks`, `seed_methods`; `seconds.<section>` (base_eval, sweep, edits,
+# seeds) and `seconds_total`.
 
 # %%
 metrics = {"model": MODEL, "seed": SEED, "smoke": SMOKE, "protocol": PROTOCOL, "steps": STEPS,
@@ -415,5 +424,5 @@ metrics.update({f"{name}.{method}.per_fact.{k}": v for (name, method), d in each
 metrics.update({f"{name}.{method}.per_fact_seed{s}.{k}": v for (name, method, s), d in seed_each.items()
                 for k, v in d.items()})
 metrics.update({"seeds": SEEDS, "seed_tasks": SEED_TASKS, "seed_methods": SEED_METHODS})
-metrics["seconds_total"] = time.perf_counter() - t_start
+metrics.update({f"seconds.{k}": v for k, v in seconds.items()}, seconds_total=time.perf_counter() - t_start)
 write_metrics(RESULTS_DIR, STEM, metrics)
