@@ -44,7 +44,9 @@ SEED = 0
 SMOKE = False
 RESULTS_DIR = ""  # "" -> <repo>/results
 PROTOCOL = "scaled"  # "scaled": the sizes below (CPU budget); "paper": the paper's editing run and sweep (GPU)
-TASKS = ["sport_to_golf", "athletes_to_sport", "counterfact", "unlearn_sport"]
+# The paper's three tasks. "unlearn_sport" (forget half of one sport with -log(1 - p), no injected answer;
+# not among the paper's result tables) adds 6 edits, about 4 minutes: left out of the default for the budget.
+TASKS = ["sport_to_golf", "athletes_to_sport", "counterfact"]
 # The paper's comparison, the two baselines that bound it, and the extraction-stage positive control;
 # [] -> every localization notebook 02 saved (with ap_mlp, all_mlps, flu_pp, ap_abs, ...: ~3x the time).
 METHODS = ["flu", "ap", "ct", "random", "nonlocalized", "extraction"]  # extraction: the positive control
@@ -139,7 +141,7 @@ print(f"{len(text)} paragraphs; MCQ usable on this model: {setup['mcq_usable']}"
 #   *held-out* half (the edit must generalize to athletes it never saw).
 # * **athletes_to_sport**: N athletes, each -> one of the other sports.
 # * **counterfact**: N CounterFact facts -> their counterfactual object.
-# * **unlearn_sport**: forget half of one sport with `-log(1-p)` (no injected answer).
+# * **unlearn_sport** (add it to `TASKS`): forget half of one sport with `-log(1-p)` (no injected answer).
 
 # %%
 def build(name, seed=SEED):

@@ -21,9 +21,9 @@
 # answer returns:
 #
 # * **Relearning**: fine-tune on the true answers of *half* the forgotten athletes; does the
-#   *other* half come back too? (LoRA and full fine-tuning; also the paper's earlier 2-athlete
-#   variant.) If the old fact still sits in the weights, a little training on related facts
-#   reconnects it.
+#   *other* half come back too? (LoRA, as the paper; also its earlier 2-athlete variant, and full
+#   fine-tuning with `RELEARN_MODES = ["lora", "full"]`.) If the old fact still sits in the
+#   weights, a little training on related facts reconnects it.
 # * **Soft prompt**: learn a few input vectors that make the model say the true sport on one half,
 #   then test them on the other half.
 # * **Other formats**: question, multiple choice and three phrasings no edit trained on.
@@ -41,7 +41,7 @@
 # localizations (AP, CT).
 #
 # **You will learn** to
-# * attack an edit by relearning (LoRA and full fine-tuning) and by a soft prompt, and read the
+# * attack an edit by relearning (LoRA; full fine-tuning as an option) and by a soft prompt, and read the
 #   *held-out* half, not the trained one;
 # * test unseen formats and languages;
 # * quantize weights and predict when rounding erases an edit (exercise: write the round trip).
@@ -66,7 +66,7 @@ PAPER_SP_STEPS = 128  # the adversary of the paper: AdamW lr 1e-5, 15 vectors, n
 PAPER_SP_RUNS = 4  # ... and 4 runs averaged
 METHODS = ["flu", "ap", "ct", "random", "extraction"]  # [] -> every saved edit; extraction: the positive control
 RELEARN_STEPS = 20  # LoRA, evaluated at 0, RELEARN_STEPS // 2, RELEARN_STEPS: the paper's 0, 10, 20
-RELEARN_MODES = ["lora", "full"]
+RELEARN_MODES = ["lora"]  # the paper's attack; add "full" (every decoder weight, beyond the paper): ~2.5 min more
 RELEARN_SPLITS = 3  # splits of the forget set into trained / held-out halves for the LoRA verdict (seeds SEED, SEED+1, ...)
 SPLIT_METHODS = ["flu", "ap", "ct"]  # relearned again on every split: the methods the verdict compares ([]: every one)
 # per edited model, about 40 s here; the paper protocol uses 3
@@ -116,6 +116,7 @@ if SMOKE:
     PAPER_SP_STEPS, PAPER_SP_RUNS = 2, 1
     RELEARN_TASKS = TASKS  # notebook 03's smoke run edits one task
     RELEARN_SPLITS = 2  # exercises the split-pooled verdict
+    RELEARN_MODES = ["lora", "full"]  # exercises full fine-tuning too
 assert PROTOCOL in ("scaled", "paper"), f"PROTOCOL must be 'scaled' or 'paper', got {PROTOCOL!r}"
 if PROTOCOL == "paper" and not SMOKE:
     RELEARN_SPLITS = max(RELEARN_SPLITS, 3)
@@ -187,8 +188,8 @@ pd.DataFrame(lang_base).T.round(3)
 # end, on both sports tasks (`RELEARN_TASKS`, as the paper): in `athletes_to_sport` each held-out
 # athlete was moved to its own other sport, in `sport_to_golf` all of them share one sport, so
 # relearning the trained half teaches the held-out half's answer directly. **LoRA** (peft) on every linear layer of the decoder (rank `LORA_RANK`: the paper's 512
-# would be nearly full rank on this 640-wide model) and **full** fine-tuning of every decoder
-# weight; the adapter is removed and the weights restored exactly after each run. The paper's
+# would be nearly full rank on this 640-wide model) and, when `RELEARN_MODES` has "full", **full** fine-tuning of
+# every decoder weight; the adapter is removed and the weights restored exactly after each run. The paper's
 # earlier variant trains on only **2** athletes for `EARLY_STEPS` steps.
 
 # %%
