@@ -354,6 +354,27 @@ soft_ci_verdicts = A.per_athlete_ci_verdicts(soft_each)
 soft_ci_verdicts.filter(regex="^(task|variant|verdict)$|CI$")
 
 # %% [markdown]
+# **Other splits**, as for relearning: with `RELEARN_SPLITS` > 1 the soft prompt is trained again on
+# the attack-train half of each other split (seeds `SEED + 1`, ...) for the methods of
+# `SPLIT_METHODS`, and scored on that split's held-out half; notebook 07's soft-prompt verdict pools them.
+
+# %%
+def soft_prompt_heldout(train, heldout, t):
+    return A.athlete_p_true(model, heldout, soft=A.train_soft_prompt(model, train, sp_cfg, progress=False).vectors)
+
+
+soft_split_runs, soft_split_verdicts = {}, pd.DataFrame()
+if RELEARN_SPLITS > 1:
+    t0 = time.perf_counter()
+    soft_split_edits = {k: v for k, v in edits.items() if not SPLIT_METHODS or k[1] in SPLIT_METHODS}
+    soft_split_runs = A.over_splits(model, soft_split_edits, tasks, range(SEED, SEED + RELEARN_SPLITS),
+                                    soft_prompt_heldout, desc="soft prompt, split",
+                                    done={(t, m): soft_each[t, m, "soft_prompt"] for t, m in soft_split_edits})
+    seconds["soft_prompt_splits"] = time.perf_counter() - t0
+    soft_split_verdicts = A.split_ci_verdicts(soft_split_runs)
+    display(soft_split_verdicts.filter(regex=r"^(task|n_splits|n_athletes|verdict)$|mean$|CI$").round(3))
+
+# %% [markdown]
 # ## 6 · Formats the edit never trained on
 # The edits trained on "Fact: X plays the sport of". Here: the question and multiple-choice
 # formats of the evaluation suite and `prompts.SPORT_PARAPHRASE_TEMPLATES`, on every forget
@@ -531,7 +552,9 @@ print("base weights bit-identical after every attack:", True)
 # * `<t>.<m>.<variant>.heldout_ci_low` / `.heldout_ci_high`: 95% bootstrap CI over the held-out
 #   athletes of the held-out p(true) at the last relearning step; `verdict_ci.<variant>.<t>`
 #   (and `verdict_ci.relearn_lora_splits.<t>`, `<t>.relearn_lora_splits.ci.*`, `.n_splits`, `.n_athletes`,
-#   `<t>.<m>.relearn_lora_splits.heldout_mean`: the LoRA verdict pooled over `RELEARN_SPLITS` splits)
+#   `<t>.<m>.relearn_lora_splits.heldout_mean`: the LoRA verdict pooled over `RELEARN_SPLITS` splits;
+#   the same keys with `soft_prompt_splits`: the soft-prompt verdict pooled over them, and
+#   `soft_prompt_split_methods`)
 #   (reproduced / not reproduced / mixed / inconclusive) and `<t>.<variant>.ci.<rival>_minus_flu_low`
 #   / `_high` (the paired CI of rival - FLU)
 # * `<t>.<m>.paper_soft_prompt.forget_p_true` / `.ci_low` / `.ci_high` / `.train_p_true` / `.seconds`:
@@ -561,13 +584,16 @@ metrics.update({f"{r.task}.{r.method}.{r.variant}.heldout_ci_{k}": getattr(r, f"
                 for r in relearn_ci.itertuples() for k in ("low", "high")})
 for r in pd.concat([relearn_ci_verdicts, soft_ci_verdicts]).itertuples():  # relearning and soft prompts
     metrics.update(ci_metrics(r.task, r.variant, r.verdict, r.cis))
-for r in split_verdicts.to_dict("records"):  # the LoRA verdict pooled over RELEARN_SPLITS splits
-    metrics.update(ci_metrics(r["task"], "relearn_lora_splits", r["verdict"], r["cis"]))
-    metrics[f"{r['task']}.relearn_lora_splits.n_splits"] = r["n_splits"]
-    metrics[f"{r['task']}.relearn_lora_splits.n_athletes"] = r["n_athletes"]
-    metrics.update({f"{r['task']}.{k[:-5]}.relearn_lora_splits.heldout_mean": v for k, v in r.items() if k.endswith(".mean")})
+pooled = {"relearn_lora_splits": split_verdicts, "soft_prompt_splits": soft_split_verdicts}
+for variant, frame in pooled.items():  # the LoRA and soft-prompt verdicts pooled over RELEARN_SPLITS splits
+    for r in frame.to_dict("records"):
+        metrics.update(ci_metrics(r["task"], variant, r["verdict"], r["cis"]))
+        metrics[f"{r['task']}.{variant}.n_splits"] = r["n_splits"]
+        metrics[f"{r['task']}.{variant}.n_athletes"] = r["n_athletes"]
+        metrics.update({f"{r['task']}.{k[:-5]}.{variant}.heldout_mean": v for k, v in r.items() if k.endswith(".mean")})
 metrics["relearn_splits"] = RELEARN_SPLITS
 metrics["split_methods"] = sorted({m for _, m in split_runs})  # relearned on every split
+metrics["soft_prompt_split_methods"] = sorted({m for _, m in soft_split_runs})
 metrics.update({f"{t}.{m}.paper_soft_prompt.{k}": v for (t, m), row in paper_soft.items() for k, v in row.items()})
 metrics["protocol"] = PROTOCOL
 metrics.update({f"{t}.control.{k}": v for t, c in control.items() for k, v in c.items() if k != "line"})

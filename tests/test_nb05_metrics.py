@@ -119,3 +119,14 @@ def test_relearning_verdict_pooled_over_splits(m):
             assert f"{TASK}.{meth}.relearn_lora_splits.heldout_mean" not in m
     lo, hi = m[f"{TASK}.relearn_lora_splits.ci.ap_minus_flu_low"], m[f"{TASK}.relearn_lora_splits.ci.ap_minus_flu_high"]
     assert -1 <= lo <= hi <= 1
+
+
+def test_soft_prompt_verdict_pooled_over_splits(m):
+    """The soft prompt of FLU, AP and CT is trained again on the second split: its verdict pools both."""
+    assert m[f"{TASK}.soft_prompt_splits.n_splits"] == 2 and m[f"{TASK}.soft_prompt_splits.n_athletes"] >= 2
+    assert m[f"verdict_ci.soft_prompt_splits.{TASK}"] in {"reproduced", "not reproduced", "mixed", "inconclusive"}
+    assert set(m["soft_prompt_split_methods"]) == {"flu", "ap", "ct"} & set(m["methods"])
+    for meth in m["soft_prompt_split_methods"]:
+        assert 0 <= m[f"{TASK}.{meth}.soft_prompt_splits.heldout_mean"] <= 1
+    lo, hi = m[f"{TASK}.soft_prompt_splits.ci.ap_minus_flu_low"], m[f"{TASK}.soft_prompt_splits.ci.ap_minus_flu_high"]
+    assert -1 <= lo <= hi <= 1

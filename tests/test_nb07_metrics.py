@@ -52,6 +52,9 @@ def test_side_effect_and_soft_prompt_verdicts_carry_intervals(smoke_metrics):
     m = smoke_metrics("07_results")
     for claim in ("side_effects_lm", "soft_prompt"):
         assert m[f"verdict_ci.{claim}.athletes_to_sport"] in VERDICTS | {"inconclusive"}, claim
+    # the soft-prompt interval is the one pooled over 05's splits (SMOKE: 2)
+    attacks = smoke_metrics("05_attacks")
+    assert m["verdict_ci.soft_prompt.athletes_to_sport"] == attacks["verdict_ci.soft_prompt_splits.athletes_to_sport"]
 
 
 def test_editing_intervals_pool_the_seeds_notebook_03_edited(smoke_metrics):

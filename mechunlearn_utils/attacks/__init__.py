@@ -24,7 +24,7 @@ output is computed once as well (`forward.prefix_hidden`).
 ``from mechunlearn_utils import attacks as A`` gives every public name as ``A.<name>``.
 """
 
-from mechunlearn_utils.attacks.edits import SPORTS_TASKS, edit_weights, find_edits, over_edits
+from mechunlearn_utils.attacks.edits import SPORTS_TASKS, edit_weights, find_edits, over_edits, over_splits
 from mechunlearn_utils.attacks.formats import (ALT_FORMATS, LANGUAGE_CSV, answer_token_ids, format_athlete_p_true,
                                                format_p_true, formats_p_true, language_p_true, language_row, languages_p_true,
                                                load_language_templates)

@@ -51,6 +51,28 @@ def over_edits(model, edits: dict, fn, include_base: bool = False, desc: str = "
     return out
 
 
+def over_splits(model, edits: dict, tasks: dict, seeds, attack, done: dict | None = None, desc: str = "split",
+                progress: bool = True) -> dict:
+    """One attack on several splits of each task's forget set into attack-train / held-out halves
+    (`scoring.split_forget` with each of `seeds`), on every edited model of `edits`.
+
+    ``attack(train, heldout, task)`` runs on the edited model and returns the p(true) of each held-out
+    athlete. -> ``{(task, method): [(held-out athlete names, their p(true)), one per seed]}``, the input
+    of `report.split_ci_verdicts`. `done` maps (task, method) to the held-out values of a run already
+    made on the first seed's split (not run again)."""
+    from mechunlearn_utils.attacks.scoring import split_forget
+
+    runs: dict = {}
+    for i, seed in enumerate(seeds):
+        split = {t: split_forget(task.eval_forget, seed) for t, task in tasks.items()}
+        got = ({k: done[k] for k in edits} if i == 0 and done is not None
+               else over_edits(model, edits, lambda t, m: list(attack(*split[t], t)), desc=f"{desc} {seed}",
+                               progress=progress))
+        for (t, m), values in got.items():
+            runs.setdefault((t, m), []).append((list(split[t][1].athlete), list(values)))
+    return runs
+
+
 def edit_weights(model, path) -> tuple[dict, dict]:
     """(base weights, edited weights) of the matrices a saved edit changes; call on the base model."""
     from safetensors.torch import load_file

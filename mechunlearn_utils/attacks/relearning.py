@@ -226,26 +226,12 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
 
 def relearn_over_splits(model, edits: dict, tasks: dict, seeds, general_text: list[str], config: RelearnConfig,
                         done: dict | None = None, progress: bool = True) -> dict:
-    """The same relearning attack on several splits of each task's forget set into attack-train /
-    held-out halves (`scoring.split_forget` with each of `seeds`), on every edited model of `edits`.
+    """The relearning attack on several splits of each task's forget set (`edits.over_splits`): the
+    held-out p(true) of each athlete after relearning the other half with `config`."""
+    from mechunlearn_utils.attacks.edits import over_splits
 
-    -> ``{(task, method): [(held-out athlete names, their p(true) after relearning), one per seed]}``,
-    the input of `report.split_ci_verdicts`. `done` maps (task, method) to the held-out values of a
-    run already made on the first seed's split (not run again)."""
-    from mechunlearn_utils.attacks.edits import over_edits
-    from mechunlearn_utils.attacks.scoring import split_forget
+    def attack(train, heldout, t):
+        return relearn(model, train, heldout, tasks[t].train_maintain, general_text, config,
+                       progress=False).heldout_by_athlete[-1]
 
-    runs: dict = {}
-    for i, seed in enumerate(seeds):
-        split = {t: split_forget(task.eval_forget, seed) for t, task in tasks.items()}
-
-        def run(t, m):
-            train, heldout = split[t]
-            return relearn(model, train, heldout, tasks[t].train_maintain, general_text, config,
-                           progress=False).heldout_by_athlete[-1]
-
-        got = ({k: done[k] for k in edits} if i == 0 and done is not None
-               else over_edits(model, edits, run, desc=f"split {seed}", progress=progress))
-        for (t, m), values in got.items():
-            runs.setdefault((t, m), []).append((list(split[t][1].athlete), list(values)))
-    return runs
+    return over_splits(model, edits, tasks, seeds, attack, done=done, progress=progress)

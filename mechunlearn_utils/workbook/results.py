@@ -264,11 +264,11 @@ def latent_position(probes: dict, positions=("final", "subject")) -> str:
 # (`verdict_ci.soft_prompt.<task>`); notebook 04 the per-athlete hits of the paper's probes
 # (`verdict_ci.latent_paper.<task>`, ...); notebook 03 each evaluated fact's p(true) and each held-out
 # paragraph's LM loss, from which `per_fact_cis` makes the verdicts of generalization and side effects.
-# Per claim, the sources in order of preference: the relearning verdict pooled over several splits
-# first, when 05 ran them.
+# Per claim, the sources in order of preference: the relearning and soft-prompt verdicts pooled over
+# several splits first, when 05 ran them.
 # Notebook 03's claims likewise: pooled over the extra seeds of its edits (`<claim>_seeds`) where 03 made them.
 CI_SOURCES = {"relearning": ("relearn_lora_splits", "relearn_lora"), "latent_paper": ("latent_paper",),
-              "soft_prompt": ("soft_prompt",),
+              "soft_prompt": ("soft_prompt_splits", "soft_prompt"),
               "generalizes": ("generalizes_seeds", "generalizes"),
               "side_effects_maintain": ("side_effects_maintain_seeds", "side_effects_maintain"),
               "side_effects_lm": ("side_effects_lm_seeds", "side_effects_lm")}
