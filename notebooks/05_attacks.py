@@ -46,9 +46,9 @@
 # * test unseen formats and languages;
 # * quantize weights and predict when rounding erases an edit (exercise: write the round trip).
 #
-# **Time:** about 45 minutes with the exercise; the run takes about 20-25 minutes on a 2-core CPU
-# (relearning on two tasks; each split beyond the first in `RELEARN_SPLITS` adds about 3.5 minutes for
-# the three compared methods of `SPLIT_METHODS`).
+# **Time:** about 45 minutes with the exercise; the run takes about 12 minutes on a 2-core CPU with
+# native bf16 (AVX512-BF16), about 20 in fp32 (relearning on two tasks; each split beyond the first in
+# `RELEARN_SPLITS` adds about 2.5 minutes in bf16 for the three compared methods of `SPLIT_METHODS`).
 # Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]

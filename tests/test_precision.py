@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,17 @@ def test_explicit_dtypes_and_errors(monkeypatch):
         P.resolve_dtype("float8")
     with pytest.raises(ValueError, match="not supported"):
         P.resolve_dtype(torch.float16)
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_warns(monkeypatch):
+    """bf16 on a CPU that only emulates it (AVX2) is ~150x slower than fp32: loading so says why."""
+    monkeypatch.setattr(P, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert P.resolve_dtype("bfloat16") == (torch.bfloat16, "as asked; emulated on this CPU, slow")
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.resolve_dtype("bfloat16") == (torch.bfloat16, "as asked")
 
 
 def test_auto_follows_the_environment_then_the_hardware_and_the_measurement(monkeypatch):
