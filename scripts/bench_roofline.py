@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench_roofline.py                # gemma-3-270m, both dtypes (~3 min, 2 idle cores)
     .venv/bin/python scripts/bench_roofline.py --profile      # + torch.profiler's top-15 ops of each step
     .venv/bin/python scripts/bench_roofline.py --quick        # the tiny random model (< 30 s; the unit test)
-    .venv/bin/python scripts/bench_roofline.py --dtypes float32 --steps 4 --out roofline.json
+    .venv/bin/python scripts/bench_roofline.py --shapes         # + each product shape of a step, per dtype
+    .venv/bin/python scripts/bench_roofline.py --dtypes float32 --out roofline.json
 
 In one run: the matmul peak of each dtype (best of `--repeats` of [1024x640]@[640x2048] and
 [256x640]@[640x2048]), then for each configuration and dtype the seconds per step and the achieved
@@ -32,6 +33,18 @@ from _bench import machine, report
 
 PEAK_SHAPES = ((1024, 640, 2048), (256, 640, 2048))
 DTYPES = ("float32", "bfloat16")
+# The products a gemma-3-270m step is made of (`--shapes`): name -> (m, k, n, how the operands lie).
+# "linear" = F.linear(x [m, k], W [n, k]) (every forward and input gradient), "wgrad" = g.T @ x with
+# g [k, m] (a weight's gradient), "matmul" = a [m, k] @ b [k, n].
+PRODUCT_SHAPES = {
+    "MLP gate/up forward, 1600 tokens": (1600, 640, 2048, "linear"),
+    "MLP down forward, 1600 tokens": (1600, 2048, 640, "linear"),
+    "attention q forward, 1600 tokens": (1600, 640, 1024, "linear"),
+    "attention k/v forward, 1600 tokens": (1600, 640, 256, "linear"),
+    "MLP gate weight gradient, 1600 tokens": (2048, 1600, 640, "wgrad"),
+    "MLP gate/up forward, 13 tokens (few-shot prefix)": (13, 640, 2048, "linear"),
+    "unembedding, 200 rows (262k vocab)": (200, 640, 262144, "linear"),
+}
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int) -> dict:
@@ -43,6 +56,28 @@ def matmul_peak(dtype: torch.dtype, repeats: int) -> dict:
         best = min(_seconds(lambda: a @ b) for _ in range(repeats))
         out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / best / 1e9
     out["peak"] = max(out.values())
+    return out
+
+
+def product_speeds(dtypes, repeats: int) -> dict:
+    """GFLOP/s of each of PRODUCT_SHAPES in each dtype (best of `repeats`, one warm-up)."""
+    F = torch.nn.functional
+    out = {}
+    for name, (m, k, n, how) in PRODUCT_SHAPES.items():
+        for dt in dtypes:
+            dtype = getattr(torch, dt)
+            if how == "linear":
+                x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+                fn = lambda: F.linear(x, w)  # noqa: E731
+            elif how == "wgrad":
+                g, x = torch.randn(k, m).to(dtype), torch.randn(k, n).to(dtype)
+                fn = lambda: g.T @ x  # noqa: E731
+            else:
+                a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+                fn = lambda: a @ b  # noqa: E731
+            fn()
+            best = min(_seconds(fn) for _ in range(repeats if n < 100_000 else max(1, repeats // 3)))
+            out.setdefault(name, {})[dt] = 2 * m * k * n / best / 1e9
     return out
 
 
@@ -140,7 +175,13 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {dt} | {r['s_per_step']:.3f} | {r['gflop_per_step']:.1f} | "
                          f"{r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |")
     peaks = ", ".join(f"{dt} {p['peak']:.0f} GFLOP/s" for dt, p in res["peak"].items())
-    return "\n".join(lines) + f"\n\nmatmul peak: {peaks}"
+    text = "\n".join(lines) + f"\n\nmatmul peak: {peaks}"
+    if res.get("products"):
+        dts = list(next(iter(res["products"].values())))
+        rows = ["| product | " + " | ".join(f"{dt} GFLOP/s" for dt in dts) + " |", "|---|" + "---:|" * len(dts)]
+        rows += [f"| {name} | " + " | ".join(f"{by[dt]:.0f}" for dt in dts) + " |" for name, by in res["products"].items()]
+        text += "\n\n" + "\n".join(rows)
+    return text
 
 
 def main(argv=None) -> dict:
@@ -150,6 +191,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     ap.add_argument("--repeats", type=int, default=10, help="matmul-peak repetitions (best of)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top-15 ops of each step")
+    ap.add_argument("--shapes", action="store_true",
+                    help="also time each product shape a step is made of (PRODUCT_SHAPES) in each dtype")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", default="", help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
@@ -162,6 +205,8 @@ def main(argv=None) -> dict:
     res: dict = dict(model=name, **machine(), peak={}, configurations={})
     for dt in args.dtypes:
         res["peak"][dt] = matmul_peak(getattr(torch, dt), 3 if args.quick else args.repeats)
+    if args.shapes:
+        res["products"] = product_speeds(args.dtypes, args.repeats)
     for dt in args.dtypes:
         seed_everything(0)
         model = load_model(name, "cpu", dtype=dt)

@@ -78,17 +78,18 @@ def relearn_table(m: dict) -> pd.DataFrame:
 
 
 def run_table(results: Path) -> pd.DataFrame:
-    """Per notebook: seconds, the dtype and torch threads it ran with, the code (`git_commit`)."""
+    """Per notebook: seconds, the dtype and torch threads it ran with, the code (`git_commit`) and
+    the CPU (`host`, "-" in runs older than its recording)."""
     rows = {}
     for stem in notebook_stems():
         m = _metrics(results, stem)
         if m.get("seconds_total") is not None:
             rows[stem] = {"seconds": round(m["seconds_total"]), "dtype": m.get("dtype", "-"),
-                          "threads": m.get("torch_threads", "-"), "commit": m.get("git_commit", "-")}
+                          "threads": m.get("torch_threads", "-"), "commit": m.get("git_commit", "-"), "host": m.get("host", "-")}
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).T
-    frame.loc["total"] = {"seconds": int(frame.seconds.sum()), "dtype": "", "threads": "", "commit": ""}
+    frame.loc["total"] = {"seconds": int(frame.seconds.sum()), "dtype": "", "threads": "", "commit": "", "host": ""}
     return frame
 
 
@@ -144,7 +145,7 @@ def report(results, only: tuple[str, ...] | None = None) -> str:
     if masks:
         m = pd.DataFrame({k: {f: masks.get(f"{k}.{f}") for f in MASK_FIELDS} for k in masks.get("methods", [])}).T
         sec["masking"] = [_table(m, "06 masking")]
-    sec["runs"] = [_table(run_table(results), "seconds per notebook (seconds_total), dtype, threads, code")]
+    sec["runs"] = [_table(run_table(results), "seconds per notebook (seconds_total), dtype, threads, code, host")]
     unknown = set(only or ()) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown report sections {sorted(unknown)}; choose from {SECTIONS}")

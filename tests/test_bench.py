@@ -13,9 +13,12 @@ def test_bench_roofline_quick_prints_the_table(capsys):
         import bench_roofline
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
-    res = bench_roofline.main(["--quick", "--dtypes", "float32", "--repeats", "1"])
+    res = bench_roofline.main(["--quick", "--dtypes", "float32", "--repeats", "1", "--shapes"])
     out = capsys.readouterr().out
     assert "| configuration | dtype |" in out and "matmul peak: float32" in out
+    assert "| product | float32 GFLOP/s |" in out
+    assert set(res["products"]) == set(bench_roofline.PRODUCT_SHAPES)
+    assert all(by["float32"] > 0 for by in res["products"].values())
     assert set(res["configurations"]) == {"full fine-tune step", "MLP edit step (2-3, 12-13)",
                                           "evaluation (200-athlete recall)", "relearning LoRA step"}
     for row in res["configurations"].values():

@@ -44,6 +44,7 @@ def test_metrics_roundtrip_and_validation(tmp_path):
     assert got.pop("dtype") in ("none", "float32", "bfloat16")  # what this process's model ran in
     assert isinstance(got.pop("torch_threads"), int)  # CPU threads of this process
     assert got.pop("git_commit")  # the code that ran ("unknown" outside a git checkout)
+    assert " x" in got.pop("host")  # the CPU it ran on: "<model> x<cores> (<native bf16 flags>)"
     assert got == {"a": 1.5, "b": [1, 2], "c": 0.25}
     with pytest.raises(TypeError, match="flat"):
         write_metrics(tmp_path, "00_x", {"a": {"b": 1}})

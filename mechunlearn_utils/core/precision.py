@@ -11,6 +11,7 @@
   away (in bf16, 1 + 1e-5 == 1); on exit they are rounded back to the model's dtype. Casting the
   master measured ~3x faster than running the trained Linear layers in fp32 (2-core AVX512-BF16
   Xeon). Under fp32 it does nothing (bit-identical).
+* `host_description()`            the CPU a run ran on (model, cores, native bf16 or not), for metrics.json
 * `loaded_dtype()`                the dtype the last `load_model` of this process ran in
   (``workbook.results.write_metrics`` records it as ``dtype``).
 """
@@ -53,6 +54,16 @@ def cpu_has_native_bf16() -> bool:
     if {"amx_bf16", "avx512_bf16"} & flags:
         return True
     return "AMX" in str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
+
+
+def host_description() -> str:
+    """The CPU a run ran on, for its metrics: model name, cores, and which of AMX-BF16,
+    AVX512-BF16 or AVX2 it has (times and bf16 speed depend on them: README, *Measured*)."""
+    info = _cpuinfo()
+    names = [l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")]
+    flags = set(info.split())
+    has = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{names[0] if names else 'cpu'} x{os.cpu_count()} ({', '.join(has) or 'no AVX2'})"
 
 
 def native_bf16(device: str) -> bool:

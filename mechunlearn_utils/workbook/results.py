@@ -31,14 +31,16 @@ def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
 
     Adds ``dtype``: what the model of this process ran in (`core.precision.loaded_dtype`: float32 or
     bfloat16; "none" when no model was loaded), ``torch_threads`` (fp32 sums can round
-    differently with another thread count) and ``git_commit`` (the code that ran,
-    `core.paths.git_commit`), unless `metrics` has them."""
+    differently with another thread count), ``git_commit`` (the code that ran,
+    `core.paths.git_commit`) and ``host`` (the CPU, `core.precision.host_description`), unless
+    `metrics` has them."""
     import torch
 
     from mechunlearn_utils.core.paths import git_commit
-    from mechunlearn_utils.core.precision import loaded_dtype
+    from mechunlearn_utils.core.precision import host_description, loaded_dtype
 
-    flat = {"dtype": loaded_dtype() or "none", "torch_threads": torch.get_num_threads(), "git_commit": git_commit()}
+    flat = {"dtype": loaded_dtype() or "none", "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "host": host_description()}
     for key, value in metrics.items():
         if isinstance(value, dict):
             raise TypeError(f"metrics must be flat: {key!r} holds a dict (flatten it: '{key}.sub')")
@@ -176,7 +178,7 @@ def robustness_vs_side_effects(edits_long, attacks_long, robustness: str = "rele
     return out.dropna().reset_index(drop=True)
 
 
-TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step", "torch_threads", "git_commit")  # how the run ran
+TIMING_WORDS = ("seconds", "load_seconds", "wall", "_s_", "per_step", "torch_threads", "git_commit", "host")  # how the run ran
 
 
 def _numbers(value) -> list[float] | None:
