@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 
 import torch
 
 
 def machine() -> dict:
-    return dict(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+    from mechunlearn_utils.core.precision import host_description
+
+    return dict(threads=torch.get_num_threads(), cpu=host_description(),
                 load_average_at_start=list(os.getloadavg()))
 
 

@@ -52,11 +52,15 @@ def matmul_peak(dtype: torch.dtype, repeats: int) -> dict:
     out = {}
     for m, k, n in PEAK_SHAPES:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        a @ b
-        best = min(_seconds(lambda: a @ b) for _ in range(repeats))
-        out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / best / 1e9
+        out[f"{m}x{k}@{k}x{n}"] = _best_gflops(lambda: a @ b, 2 * m * k * n, repeats)
     out["peak"] = max(out.values())
     return out
+
+
+def _best_gflops(fn, flop: int, repeats: int) -> float:
+    """GFLOP/s of `fn` (doing `flop` FLOPs) from the best of `repeats` timed calls, after a warm-up."""
+    fn()
+    return flop / min(_seconds(fn) for _ in range(max(1, repeats))) / 1e9
 
 
 def product_speeds(dtypes, repeats: int) -> dict:
@@ -75,9 +79,7 @@ def product_speeds(dtypes, repeats: int) -> dict:
             else:
                 a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
                 fn = lambda: a @ b  # noqa: E731
-            fn()
-            best = min(_seconds(fn) for _ in range(repeats if n < 100_000 else max(1, repeats // 3)))
-            out.setdefault(name, {})[dt] = 2 * m * k * n / best / 1e9
+            out.setdefault(name, {})[dt] = _best_gflops(fn, 2 * m * k * n, repeats if n < 100_000 else repeats // 3)
     return out
 
 

@@ -85,7 +85,8 @@ def run_table(results: Path) -> pd.DataFrame:
         m = _metrics(results, stem)
         if m.get("seconds_total") is not None:
             rows[stem] = {"seconds": round(m["seconds_total"]), "dtype": m.get("dtype", "-"),
-                          "threads": m.get("torch_threads", "-"), "commit": m.get("git_commit", "-"), "host": m.get("host", "-")}
+                          "threads": m.get("torch_threads", "-"), "commit": m.get("git_commit", "-"),
+                          "host": m.get("host", "-")}
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).T

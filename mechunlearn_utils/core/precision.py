@@ -56,14 +56,18 @@ def cpu_has_native_bf16() -> bool:
     return "AMX" in str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("cpu" where there is none)."""
+    names = [l.split(":", 1)[1].strip() for l in _cpuinfo().splitlines() if l.startswith("model name")]
+    return names[0] if names else "cpu"
+
+
 def host_description() -> str:
     """The CPU a run ran on, for its metrics: model name, cores, and which of AMX-BF16,
     AVX512-BF16 or AVX2 it has (times and bf16 speed depend on them: README, *Measured*)."""
-    info = _cpuinfo()
-    names = [l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")]
-    flags = set(info.split())
+    flags = set(_cpuinfo().split())
     has = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    return f"{names[0] if names else 'cpu'} x{os.cpu_count()} ({', '.join(has) or 'no AVX2'})"
+    return f"{_cpu_model()} x{os.cpu_count()} ({', '.join(has) or 'no AVX2'})"
 
 
 def native_bf16(device: str) -> bool:
@@ -98,8 +102,7 @@ def _host_key(device: str) -> str:
     if device.startswith("cuda"):
         hw = torch.cuda.get_device_name(device)
     else:
-        lines = [l for l in _cpuinfo().splitlines() if l.startswith("model name")]
-        hw = f"{lines[0].split(':', 1)[1].strip() if lines else 'cpu'} x{torch.get_num_threads()}"
+        hw = f"{_cpu_model()} x{torch.get_num_threads()}"
     return f"{device}|{hw}|torch {torch.__version__}"
 
 
