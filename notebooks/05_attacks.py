@@ -46,9 +46,10 @@
 # * test unseen formats and languages;
 # * quantize weights and predict when rounding erases an edit (exercise: write the round trip).
 #
-# **Time:** about 45 minutes with the exercise; the run takes about 12 minutes on a 2-core CPU with
-# native bf16 (AVX512-BF16), about 20 in fp32 (relearning on two tasks; each split beyond the first in
-# `RELEARN_SPLITS` adds about 2.5 minutes in bf16 for the three compared methods of `SPLIT_METHODS`).
+# **Time:** about 45 minutes with the exercise; the run takes about 12 minutes on a 2-core
+# AVX512-BF16 CPU (estimated), 18 on a 2-core AMX Xeon (measured; both bf16), about 20 in fp32
+# (relearning on two tasks; each split beyond the first in `RELEARN_SPLITS` adds 2.5-4 minutes in
+# bf16 for the three compared methods of `SPLIT_METHODS`).
 # Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]

@@ -35,7 +35,7 @@ PEAK_SHAPES = ((1024, 640, 2048), (256, 640, 2048))
 DTYPES = ("float32", "bfloat16")
 # The products a gemma-3-270m step is made of (`--shapes`): name -> (m, k, n, how the operands lie).
 # "linear" = F.linear(x [m, k], W [n, k]) (every forward and input gradient), "wgrad" = g.T @ x with
-# g [k, m] (a weight's gradient), "matmul" = a [m, k] @ b [k, n].
+# g [k, m] (a weight's gradient).
 PRODUCT_SHAPES = {
     "MLP gate/up forward, 1600 tokens": (1600, 640, 2048, "linear"),
     "MLP down forward, 1600 tokens": (1600, 2048, 640, "linear"),
@@ -73,12 +73,9 @@ def product_speeds(dtypes, repeats: int) -> dict:
             if how == "linear":
                 x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
                 fn = lambda: F.linear(x, w)  # noqa: E731
-            elif how == "wgrad":
+            else:  # "wgrad"
                 g, x = torch.randn(k, m).to(dtype), torch.randn(k, n).to(dtype)
                 fn = lambda: g.T @ x  # noqa: E731
-            else:
-                a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-                fn = lambda: a @ b  # noqa: E731
             out.setdefault(name, {})[dt] = _best_gflops(fn, 2 * m * k * n, repeats if n < 100_000 else repeats // 3)
     return out
 

@@ -90,7 +90,7 @@ def run_table(results: Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).T
-    frame.loc["total"] = {"seconds": int(frame.seconds.sum()), "dtype": "", "threads": "", "commit": "", "host": ""}
+    frame.loc["total"] = {**dict.fromkeys(frame.columns, ""), "seconds": int(frame.seconds.sum())}
     return frame
 
 

@@ -31,6 +31,7 @@ ENV_VAR = "MECHUNLEARN_DTYPE"
 EMULATED_BF16 = ("bfloat16 was asked for, but this CPU has no native bf16 (neither AMX-BF16 nor AVX512-BF16): "
                  "torch emulates it, and a bf16 matrix product measured 150x slower than fp32 on a 2-core "
                  "AVX2 EPYC (0.5 vs 77 GFLOP/s). Use DTYPE='auto' (fp32 here) or 'float32'.")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of a CPU that runs bf16 natively
 NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 BENCH_SHAPES = dict(tokens=256, d_model=640, d_mlp=2048)  # gemma-3-270m: a batch of prompts through one MLP
 _SPEEDUP: dict[str, float] = {}  # device -> fp32 time / bf16 time, measured once per process
@@ -51,7 +52,7 @@ def _cpuinfo() -> str:
 def cpu_has_native_bf16() -> bool:
     """AMX-BF16 or AVX512-BF16 in /proc/cpuinfo (or torch's CPU capability says AMX)."""
     flags = set(_cpuinfo().split())
-    if {"amx_bf16", "avx512_bf16"} & flags:
+    if set(NATIVE_BF16_FLAGS) & flags:
         return True
     return "AMX" in str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
 
@@ -66,7 +67,7 @@ def host_description() -> str:
     """The CPU a run ran on, for its metrics: model name, cores, and which of AMX-BF16,
     AVX512-BF16 or AVX2 it has (times and bf16 speed depend on them: README, *Measured*)."""
     flags = set(_cpuinfo().split())
-    has = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    has = [f for f in (*NATIVE_BF16_FLAGS, "avx512f", "avx2") if f in flags]
     return f"{_cpu_model()} x{os.cpu_count()} ({', '.join(has) or 'no AVX2'})"
 
 
