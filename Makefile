@@ -34,7 +34,7 @@ smoke: venv
 	$(PY) -m mechunlearn_utils.workbook.runner --smoke $(RUNNER_ARGS)
 
 lab: venv
-	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
+	$(PY) -m mechunlearn_utils.core.allocator $(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 sync: venv
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py

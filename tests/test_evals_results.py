@@ -45,6 +45,7 @@ def test_metrics_roundtrip_and_validation(tmp_path):
     assert isinstance(got.pop("torch_threads"), int)  # CPU threads of this process
     assert got.pop("git_commit")  # the code that ran ("unknown" outside a git checkout)
     assert " x" in got.pop("host")  # the CPU it ran on: "<model> x<cores> (<native bf16 flags>)"
+    assert got.pop("allocator") in ("system", "tcmalloc")  # this process's malloc (core.allocator)
     assert got == {"a": 1.5, "b": [1, 2], "c": 0.25}
     with pytest.raises(TypeError, match="flat"):
         write_metrics(tmp_path, "00_x", {"a": {"b": 1}})

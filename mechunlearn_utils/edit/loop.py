@@ -77,6 +77,20 @@ class Examples:
         return (self.input_ids[idx], self.attention_mask[idx], self.last_index[idx], self.answer_ids[idx],
                 None if self.prefix is None else self.prefix[idx])
 
+    @classmethod
+    def concat(cls, *sets: "Examples") -> "Examples":
+        """The rows of `sets` in order, right-padded to one width (padding is masked and lies past
+        every row's last token, so each row's hidden states are its own)."""
+        width = max(s.input_ids.shape[1] for s in sets)
+
+        def pad(t):  # zeros on the right of dim 1 (token ids, mask, frozen hidden states)
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
+
+        frozen = [s.prefix for s in sets]
+        return cls(torch.cat([pad(s.input_ids) for s in sets]), torch.cat([pad(s.attention_mask) for s in sets]),
+                   torch.cat([s.last_index for s in sets]), torch.cat([s.answer_ids for s in sets]),
+                   None if any(f is None for f in frozen) else torch.cat([pad(f) for f in frozen]))
+
     def freeze_below(self, model, start: int) -> "Examples":
         """Compute the output of the layers below `start` once (`forward.prefix_hidden`)."""
         self.prefix = prefix_hidden(model.hf, self.input_ids, self.attention_mask, start)
@@ -188,6 +202,11 @@ class EditData:
     maintain: Examples
     text: RetainText | None
     start: int
+    both: Examples | None = None  # forget rows then maintain rows: one forward per step for both terms
+
+    def __post_init__(self):
+        if self.both is None:
+            self.both = Examples.concat(self.forget, self.maintain)
 
     @classmethod
     def build(cls, model, forget: Examples, maintain: Examples, general_text: list[str], start: int,
@@ -204,8 +223,8 @@ def edit_terms(model, data: EditData, rng: np.random.Generator, mode: str, cfg) 
     `MaskConfig`). Returns (loss, record)."""
     f_idx = draw(rng, len(data.forget), cfg.batch_size)
     m_idx = draw(rng, len(data.maintain), cfg.batch_size)
-    lp_f, _ = answer_logprobs(model, data.forget.rows(f_idx), data.start)
-    lp_m, _ = answer_logprobs(model, data.maintain.rows(m_idx), data.start)
+    lp, _ = answer_logprobs(model, data.both.rows(torch.as_tensor(np.r_[f_idx, len(data.forget) + m_idx])), data.start)
+    lp_f, lp_m = lp[:len(f_idx)], lp[len(f_idx):]
     lf, lm_ = forget_loss(lp_f, mode), -lp_m.mean()
     ll = lp_m.new_zeros(()) if data.text is None else data.text.loss(model, rng)
     loss = cfg.forget_coef * lf + cfg.maintain_coef * lm_ + cfg.lm_coef * ll

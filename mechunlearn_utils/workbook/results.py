@@ -32,15 +32,17 @@ def write_metrics(results_dir, stem: str, metrics: dict) -> Path:
     Adds ``dtype``: what the model of this process ran in (`core.precision.loaded_dtype`: float32 or
     bfloat16; "none" when no model was loaded), ``torch_threads`` (fp32 sums can round
     differently with another thread count), ``git_commit`` (the code that ran,
-    `core.paths.git_commit`) and ``host`` (the CPU, `core.precision.host_description`), unless
+    `core.paths.git_commit`), ``host`` (the CPU, `core.precision.host_description`) and
+    ``allocator`` (tcmalloc or the system's: times differ, numbers do not; `core.allocator`), unless
     `metrics` has them."""
     import torch
 
+    from mechunlearn_utils.core.allocator import allocator_in_use
     from mechunlearn_utils.core.paths import git_commit
     from mechunlearn_utils.core.precision import host_description, loaded_dtype
 
     flat = {"dtype": loaded_dtype() or "none", "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
-            "host": host_description()}
+            "host": host_description(), "allocator": allocator_in_use()}
     for key, value in metrics.items():
         if isinstance(value, dict):
             raise TypeError(f"metrics must be flat: {key!r} holds a dict (flatten it: '{key}.sub')")

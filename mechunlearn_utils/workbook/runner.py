@@ -9,7 +9,8 @@ Executed notebooks land next to their metrics in RESULTS_DIR/<stem>/, each also 
 RESULTS_DIR/index.html links them with their figures and headline numbers (`workbook.pages`). The
 run stops at the first failing notebook and names the failing cell.
 
-The kernel talks to papermill over IPC (Unix sockets), not unencrypted TCP on localhost.
+The kernel talks to papermill over IPC (Unix sockets), not unencrypted TCP on localhost, and
+preloads tcmalloc where the system has it (`core.allocator`; MECHUNLEARN_ALLOCATOR=system: glibc's).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from mechunlearn_utils.core.allocator import kernel_environment
 from mechunlearn_utils.core.paths import NOTEBOOK_DIR, STEMS
 from mechunlearn_utils.workbook.notebook import resolve_results_dir
 from mechunlearn_utils.workbook.pages import export_html, write_index
@@ -91,9 +93,10 @@ def execute(src: Path, out: Path, parameters: dict, cwd: Path, log_output: bool 
     """papermill `src` -> `out` in `cwd` with an IPC kernel (raises papermill's execution error)."""
     import papermill as pm
 
-    pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-                        progress_bar=False, log_output=log_output, execution_timeout=CELL_TIMEOUT_S,
-                        kernel_manager_class=ipc_kernel_manager())
+    with kernel_environment():  # the kernel preloads tcmalloc where the system has it (core.allocator)
+        pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                            progress_bar=False, log_output=log_output, execution_timeout=CELL_TIMEOUT_S,
+                            kernel_manager_class=ipc_kernel_manager())
 
 
 def run_notebook(stem: str, results_dir, parameters: dict | None = None, log_output: bool = False,
