@@ -3,10 +3,11 @@
 A training step of the workbook makes ~10,000 tensor allocations (the profile's `empty_strided`:
 11 us each under glibc's malloc on the 2-core hosts). PyTorch's CPU performance guide and its own
 launcher (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`) preload tcmalloc for this.
-Measured on the 2-core AMX Xeon (2026-12-02, one thread, bf16): 6 steps of a localized MLP edit
-9.05 s with tcmalloc vs 11.18 s with glibc, 6 LoRA relearning steps 7.52 vs 9.04 s, 3 full
-fine-tuning steps 11.96 vs 12.45 s. The allocator changes no number (same operations, same
-order): runs with and without it agree bit for bit.
+Measured on the 2-core AMX Xeon (2026-12-02, idle, 2 threads, bf16, two alternating runs each):
+6 steps of a localized MLP edit 5.47-5.58 s with tcmalloc vs 6.46-6.48 s with glibc (-15%), 3
+full fine-tuning steps 7.27-7.29 vs 8.69-8.73 s (-16%), 6 LoRA relearning steps 5.18-5.25 vs
+6.42-6.44 s (-19%). The allocator changes no number (same operations, same order): runs with
+and without it agree bit for bit (tests/test_allocator.py).
 
 tcmalloc is not on PyPI: Debian / Ubuntu ``apt install libtcmalloc-minimal4``, conda
 ``gperftools`` (environment.yml). Without it everything runs as before, only slower.
