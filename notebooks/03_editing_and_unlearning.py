@@ -33,9 +33,9 @@
 # * evaluate an edit in the training format, in unseen formats, and for side effects;
 # * choose a learning rate on the training split only, and read which claims reproduce.
 #
-# **Time:** about 45 minutes to read and do the exercise; the run takes about 18 minutes on a
-# 2-core AVX512-BF16 CPU (estimated), 24 on a 2-core AMX Xeon (measured; both bf16), 35-40 minutes
-# in fp32, longer on an AVX2-only CPU (one
+# **Time:** about 45 minutes to read and do the exercise; the run takes 11-24 minutes on a 2-core
+# Xeon with AMX (measured on two such hosts, bf16, 11 with tcmalloc), about 18 on a 2-core
+# AVX512-BF16 CPU (estimated), 35-40 minutes in fp32, longer on an AVX2-only CPU (one
 # edit per task and method: 18 edits of 20 steps, the sweep, and 2 more seeds of FLU, AP and CT). Terms: [glossary](../docs/glossary.md).
 
 # %% tags=["parameters"]

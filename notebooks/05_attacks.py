@@ -46,8 +46,9 @@
 # * test unseen formats and languages;
 # * quantize weights and predict when rounding erases an edit (exercise: write the round trip).
 #
-# **Time:** about 45 minutes with the exercise; the run takes about 12 minutes on a 2-core
-# AVX512-BF16 CPU (estimated), 18 on a 2-core AMX Xeon (measured; both bf16), about 20 in fp32
+# **Time:** about 45 minutes with the exercise; the run takes 8-18 minutes on a 2-core Xeon with
+# AMX (measured on two such hosts, bf16; 8 with tcmalloc), about 12 on a 2-core AVX512-BF16 CPU
+# (estimated), about 20 in fp32
 # (relearning on two tasks; each split beyond the first in `RELEARN_SPLITS` adds 2.5-4 minutes in
 # bf16 for the three compared methods of `SPLIT_METHODS`).
 # Terms: [glossary](../docs/glossary.md).
