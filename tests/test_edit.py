@@ -297,3 +297,28 @@ def test_an_edit_with_the_whole_text_pool_trains_on_other_text(tiny, athletes, t
     finally:
         restore(tiny, saved)
     assert lm[0] != lm[-1]  # the same seed draws other paragraphs once the pool is the whole text
+
+
+def test_forget_and_maintain_rows_in_one_forward_equal_two_forwards(tiny, athletes, text):
+    """`EditData.both` (one batch per step for both terms): each row's log p(answer) is the one its
+    own set gives, with the frozen prefix and the shared one-shot prefix (fp32, rounding only)."""
+    from mechunlearn_utils.edit.loop import Examples, answer_logprobs
+    from mechunlearn_utils.edit.train import edit_data
+
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    names = [n for n, _ in tiny.hf.named_parameters() if "layers.1.mlp" in n]
+    data = edit_data(tiny, names, task, text, EditConfig(lm_context=16))
+    assert data.start == 1 and data.both.prefix is not None
+    assert len(data.both) == len(data.forget) + len(data.maintain)
+    f, m = torch.tensor([2, 0, 3]), torch.tensor([5, 1, 7])
+    with torch.no_grad():
+        apart = torch.cat([answer_logprobs(tiny, data.forget.rows(f), data.start)[0],
+                           answer_logprobs(tiny, data.maintain.rows(m), data.start)[0]])
+        joined = answer_logprobs(tiny, data.both.rows(torch.cat([f, len(data.forget) + m])), data.start)[0]
+    torch.testing.assert_close(joined, apart, rtol=0, atol=1e-5)
+    # rows of different widths are right-padded with masked zeros
+    short = Examples(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), torch.tensor([1]),
+                     torch.tensor([7]))
+    both = Examples.concat(short, data.forget)
+    assert both.input_ids.shape[1] == data.forget.input_ids.shape[1] and both.prefix is None
+    assert both.attention_mask[0].tolist() == [1, 1] + [0] * (both.input_ids.shape[1] - 2)
