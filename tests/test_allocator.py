@@ -56,3 +56,10 @@ def test_tcmalloc_is_used_and_changes_no_number():
         fast = _probe(dict(os.environ))
     assert plain[0] == "system" and fast[0] == "tcmalloc"
     assert fast[1] == plain[1]  # the same logits and gradient, bit for bit
+
+
+def test_nothing_is_preloaded_off_linux(monkeypatch):
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.tcmalloc_library() is None
+    with allocator.kernel_environment() as lib:
+        assert lib is None

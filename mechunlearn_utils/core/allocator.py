@@ -42,7 +42,10 @@ def _prefix_dirs() -> list[Path]:
 
 
 def tcmalloc_library() -> str | None:
-    """A tcmalloc shared library: in the environment's lib/ first, then the system's (ldconfig)."""
+    """A tcmalloc shared library: in the environment's lib/ first, then the system's (ldconfig).
+    None off Linux (LD_PRELOAD is the Linux loader's)."""
+    if not sys.platform.startswith("linux"):
+        return None
     for d in _prefix_dirs():
         for name in NAMES:
             hits = sorted(d.glob(f"lib{name}.so*"))
@@ -80,8 +83,8 @@ def allocator_in_use() -> str:
     """"tcmalloc" when this process runs with it (mapped into its memory), else "system"."""
     try:
         maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        maps = os.environ.get("LD_PRELOAD", "")
+    except OSError:  # not Linux: nothing is preloaded (tcmalloc_library)
+        return "system"
     return "tcmalloc" if "tcmalloc" in maps else "system"
 
 
