@@ -197,13 +197,11 @@ pd.DataFrame(lang_base).T.round(3)
 # protocol replaced it) trains on only **2** athletes for `EARLY_STEPS` steps.
 
 # %%
-settings = {"lora": dict(steps=RELEARN_STEPS, lr=LORA_LR), "full": dict(steps=FULL_STEPS, lr=FULL_LR)}
-assert "lora" in RELEARN_MODES and set(RELEARN_MODES) <= {"lora", "full", "2ath"}, RELEARN_MODES
-variants = {f"relearn_{mode}": A.RelearnConfig(mode=mode, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, seed=SEED,
-                                               **settings[mode]) for mode in RELEARN_MODES if mode in settings}
-if "2ath" in RELEARN_MODES:
-    variants["relearn_2ath"] = A.RelearnConfig(mode="lora", steps=EARLY_STEPS, eval_steps=(0, EARLY_STEPS), n_train=2,
-                                               lora_rank=64, lora_alpha=LORA_ALPHA, lr=EARLY_LR, seed=SEED)
+settings = {"lora": dict(steps=RELEARN_STEPS, lr=LORA_LR), "full": dict(mode="full", steps=FULL_STEPS, lr=FULL_LR),
+            "2ath": dict(steps=EARLY_STEPS, eval_steps=(0, EARLY_STEPS), n_train=2, lora_rank=64, lr=EARLY_LR)}
+assert "lora" in RELEARN_MODES and set(RELEARN_MODES) <= set(settings), RELEARN_MODES
+shared = dict(mode="lora", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, seed=SEED)
+variants = {f"relearn_{mode}": A.RelearnConfig(**{**shared, **settings[mode]}) for mode in RELEARN_MODES}
 if PROTOCOL == "paper":  # rank 512, dropout 0.05, cosine lr 2e-4, no clipping, 32/32/16 sequences, 20 steps
     variants["relearn_lora"] = A.RelearnConfig.paper(seed=SEED, steps=RELEARN_STEPS)
 print(PROTOCOL, "protocol:", {v: (c.lora_rank, c.lr, c.steps) for v, c in variants.items()})
