@@ -1,5 +1,9 @@
 """The papermill runner: a failing notebook names its cell; prerequisites are in workbook order."""
 
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -54,3 +58,23 @@ def test_threads_auto_is_one_on_a_busy_machine(monkeypatch):
     monkeypatch.setattr(notebook.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert notebook.choose_threads("auto") is None  # torch's default: one per core
     assert notebook.choose_threads(3) == 3 and notebook.choose_threads(0) is None
+
+
+def test_two_runs_at_once_in_one_folder_each_reach_their_kernel(tmp_path, monkeypatch):
+    """jupyter_client's default IPC socket names ("kernel-ipc-N" in the working folder) collided when
+    two runs started together ("Kernel didn't respond in 60 seconds"); each kernel has its own folder."""
+    monkeypatch.setenv("MECHUNLEARN_ALLOCATOR", "system")  # no LD_PRELOAD juggling across the two threads
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import time; time.sleep(1); print('ran')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "99_ok.ipynb")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    socket_dirs = lambda: {p.name for p in Path(tempfile.gettempdir()).glob(runner.IPC_PREFIX + "*")}  # noqa: E731
+    before = socket_dirs()
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda i: runner.run_notebook("99_ok", tmp_path / f"run{i}", {"SMOKE": True},
+                                                           html=False), range(2)))
+    assert all("ran" in out.read_text() for out in outs)
+    assert not list(tmp_path.glob("kernel-ipc*"))  # no sockets in the notebooks' folder
+    assert socket_dirs() <= before  # each kernel's socket folder is removed with it

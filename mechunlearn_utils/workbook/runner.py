@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from mechunlearn_utils.core.paths import NOTEBOOK_DIR, STEMS
 from mechunlearn_utils.workbook.notebook import resolve_results_dir
 from mechunlearn_utils.workbook.pages import export_html, write_index
 
+IPC_PREFIX = "mechunlearn-kernel-"  # private folders of the kernels' IPC sockets (`ipc_kernel_manager`)
 CELL_TIMEOUT_S = 3600  # a cell that hangs (e.g. a widget blocking the kernel) fails instead of blocking
 
 
@@ -85,6 +88,18 @@ def ipc_kernel_manager():
 
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        def _ip_default(self) -> str:
+            # jupyter_client's default socket path is "kernel-ipc" in the working directory: two
+            # runs at once in one folder (`make test` beside `make workbook`, or parallel notebooks)
+            # took the same socket names and one kernel never answered (measured). One private
+            # directory per kernel instead, removed with its sockets.
+            return str(Path(tempfile.mkdtemp(prefix=IPC_PREFIX)) / "ipc")
+
+        def cleanup_ipc_files(self) -> None:
+            super().cleanup_ipc_files()
+            if Path(self.ip).parent.name.startswith(IPC_PREFIX):
+                shutil.rmtree(Path(self.ip).parent, ignore_errors=True)
 
     return IPCKernelManager
 
