@@ -156,9 +156,9 @@ pd.DataFrame({t: {"attack-train half": ", ".join(a.athlete), "held-out half": ",
 # 03 reports the maintain side). Every attack below is compared with these numbers.
 
 # %%
-def after_edit(t, m):
-    p = A.athlete_p_true(model, tasks[t].eval_forget)
-    return {"forget": p.mean(), "heldout": p[halves[t][1].athlete].mean()}
+def after_edit(t, m):  # the held-out half scored on its own, as the attacks score it (bit-equal at step 0)
+    return {"forget": A.athlete_p_true(model, tasks[t].eval_forget).mean(),
+            "heldout": A.athlete_p_true(model, halves[t][1]).mean()}
 
 
 start_rows = A.over_edits(model, relearn_edits, after_edit, include_base=True, desc="edited models")

@@ -356,3 +356,19 @@ def test_control_check_says_whether_the_attack_can_bring_an_edit_back():
     weak = run([0.05, 0.1, 0.15], [0.0, 0.02, 0.05])
     assert weak["t"]["attack_has_power"] is False and "too weak" in weak["t"]["line"]
     assert weak["u"]["attack_has_power"] is None and "no 'extraction' edit" in weak["u"]["line"]
+
+
+def test_relearn_step_zero_is_the_held_out_score_bit_for_bit_in_bf16(words):
+    """The held-out half is scored in its own pass: step 0 equals scoring it alone, whatever the train
+    half is (bf16 scores depend on a row's batch; the 2-athlete variant used to move step 0)."""
+    from mechunlearn_utils import load_model
+
+    model = load_model("tiny-random", "cpu", dtype="bfloat16")
+    heldout = ATHLETES.head(4)
+    # a longer name in the train half pads a merged batch further
+    train = pd.concat([ATHLETES.tail(4), pd.DataFrame({"athlete": ["Metta World Peace"], "sport": ["basketball"]})])
+    alone = A.athlete_p_true(model, heldout)
+    for n_train in (None, 1):
+        cfg = A.RelearnConfig(mode="lora", steps=1, eval_steps=(0, 1), n_train=n_train, lora_rank=2, lm_coef=0.0)
+        res = A.relearn(model, train, heldout, ATHLETES.tail(2), [], cfg, progress=False)
+        assert res.heldout_by_athlete[0] == alone.tolist() and res.forget_p_true[0] == float(alone.mean())
