@@ -160,9 +160,12 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
                          f"(lr={cfg.lr}); weights kept at their last good values")
 
     def checkpoint():
-        if all(torch.isfinite(p).all() for p in params.values()):
-            for n, p in params.items():
-                last_good[n].copy_(p.detach())
+        # one pass over the weights (a finite total norm <=> every weight finite; a norm that overflows,
+        # weights past ~1e19, only keeps the older checkpoint). Check + copy for full fine-tuning's 100M
+        # bf16 weights: 173 ms per step with `isfinite(p).all()` per tensor, 44 ms so (measured)
+        values = list(params.values())
+        if torch.isfinite(torch.nn.utils.get_total_norm(values)):
+            torch._foreach_copy_(list(last_good.values()), [p.detach() for p in values])
 
     t0 = time.perf_counter()
     model.hf.train(False)  # no dropout; gradients still flow
