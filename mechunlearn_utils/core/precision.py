@@ -4,7 +4,8 @@
   or ``"auto"``: bf16 only where the hardware runs it natively (a CPU with AMX-BF16 or AVX512-BF16,
   a CUDA GPU with bf16) **and** a short micro-benchmark on the workbook's shapes (`bf16_speedup`,
   measured once per host and kept in the cache folder) finds it faster; fp32 otherwise. ``"auto"`` yields to the
-  environment variable ``MECHUNLEARN_DTYPE`` (CI sets it to ``float32``); an explicit dtype wins.
+  environment variable ``MECHUNLEARN_DTYPE`` (the unit tests set it to ``float32``); an explicit
+  dtype wins.
 * `fp32_masters(model, params)`   while a model held in bf16 trains, the trained tensors are fp32
   master weights (the optimizer's state follows their dtype); each forward casts them to bf16
   (differentiably: the gradient reaches the master in fp32), so an update of 1e-5 is not rounded
