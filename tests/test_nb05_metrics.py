@@ -1,5 +1,7 @@
 """Notebook 05 (SMOKE run): every attack ran on every smoke edit and moved what it should."""
 
+import math
+
 import pytest
 
 pytestmark = pytest.mark.notebook
@@ -36,8 +38,10 @@ def test_relearning_curves(m):
             assert all(0 <= p <= 1 for p in curve + train)
             # step 0 is the edited model itself (the LoRA adapter starts as a no-op)
             assert curve[0] == pytest.approx(edit_heldout, abs=1e-4), (meth, v)
-            # the attack changes the model: the athletes it trains on move
-            assert abs(train[-1] - train[0]) > 1e-4, (meth, v)
+            # the attack changes the model: the athletes it trains on move, by 1e-4 or by 10% (p spans
+            # 1e-5 after FLU to 0.3 after extraction; one SMOKE step of full fine-tuning at lr 3e-6 in
+            # bf16 took FLU's 1.6e-5 to 2.2e-5, measured)
+            assert abs(train[-1] - train[0]) > 1e-4 or abs(math.log(train[-1] / train[0])) > 0.1, (meth, v)
             if v != "relearn_2ath":
                 assert train[-1] > train[0], (meth, v)
             assert m[f"{TASK}.{meth}.recovered.{v}"] == pytest.approx(curve[-1] - curve[0], abs=1e-6)
