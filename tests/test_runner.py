@@ -10,15 +10,22 @@ import pytest
 from mechunlearn_utils.workbook import runner as runner
 
 
-def test_a_failing_cell_is_named_with_its_source(tmp_path, monkeypatch):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("# demo"),
-                nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_markdown_cell("the next cell fails"),
-                nbformat.v4.new_code_cell("x = 1\nraise ValueError('boom here')")]
+def _notebook(folder, stem: str, cells: list, monkeypatch) -> None:
+    """notebooks/<stem>.ipynb made of `cells` (a SMOKE parameters cell first unless given), with the
+    runner pointed at `folder`."""
+    if not any("parameters" in c.metadata.get("tags", []) for c in cells):
+        cells = [nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}), *cells]
+    nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_path / "99_demo.ipynb")
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    nbformat.write(nb, folder / f"{stem}.ipynb")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", folder)
+
+
+def test_a_failing_cell_is_named_with_its_source(tmp_path, monkeypatch):
+    _notebook(tmp_path, "99_demo", [nbformat.v4.new_markdown_cell("# demo"),
+                                    nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+                                    nbformat.v4.new_markdown_cell("the next cell fails"),
+                                    nbformat.v4.new_code_cell("x = 1\nraise ValueError('boom here')")], monkeypatch)
     with pytest.raises(runner.NotebookFailed) as err:
         runner.run_notebook("99_demo", tmp_path / "results", {"SMOKE": True})
     message = str(err.value)
@@ -36,13 +43,9 @@ def test_prerequisites_come_in_workbook_order():
 
 
 def test_a_notebook_runs_over_ipc_and_is_written_as_html(tmp_path, monkeypatch, capfd):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
-                                          "print('transport', IPKernelApp.instance().transport)")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_path / "99_ok.ipynb")
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    _notebook(tmp_path, "99_ok", [nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
+                                                            "print('transport', IPKernelApp.instance().transport)")],
+              monkeypatch)
     out = runner.run_notebook("99_ok", tmp_path / "results", {"SMOKE": True})
     assert "transport ipc" in out.read_text()
     assert "without encryption" not in capfd.readouterr().err  # the kernel's TCP warning
@@ -64,12 +67,7 @@ def test_two_runs_at_once_in_one_folder_each_reach_their_kernel(tmp_path, monkey
     """jupyter_client's default IPC socket names ("kernel-ipc-N" in the working folder) collided when
     two runs started together ("Kernel didn't respond in 60 seconds"); each kernel has its own folder."""
     monkeypatch.setenv("MECHUNLEARN_ALLOCATOR", "system")  # no LD_PRELOAD juggling across the two threads
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("import time; time.sleep(1); print('ran')")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_path / "99_ok.ipynb")
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    _notebook(tmp_path, "99_ok", [nbformat.v4.new_code_cell("import time; time.sleep(1); print('ran')")], monkeypatch)
     socket_dirs = lambda: {p.name for p in Path(tempfile.gettempdir()).glob(runner.IPC_PREFIX + "*")}  # noqa: E731
     before = socket_dirs()
     with ThreadPoolExecutor(2) as pool:
