@@ -219,3 +219,37 @@ def test_training_paths_work_after_the_bridge_is_built():
     with model.tl.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: fired.append(t.shape))]):
         model.hf.model(ids)
     assert fired and [n for n, _ in model.hf.named_parameters()] == names
+
+
+def test_tokenizer_is_cached_and_rebuilt_when_its_files_change(tmp_path, monkeypatch):
+    """`load_tokenizer` pickles the built tokenizer once; the pickle gives the same ids, and a
+    changed tokenizer file (or library version) loads from the files again."""
+    import transformers
+
+    from mechunlearn_utils.core import models as models
+
+    _, tok = models.build_tiny_model()
+    tok.save_pretrained(tmp_path)
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = models.load_tokenizer(tmp_path)
+    second = models.load_tokenizer(tmp_path)
+    assert len(calls) == 1 and (tmp_path / "tokenizer.pkl").exists()
+    text = ["Fact: Michael Jordan plays the sport of basketball", "Tiger Woods ?"]
+    assert second(text).input_ids == first(text).input_ids == tok(text).input_ids
+    assert (second.bos_token_id, second.pad_token_id, len(second)) == (tok.bos_token_id, tok.pad_token_id, len(tok))
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text() + " ")  # same settings, other bytes
+    third = models.load_tokenizer(tmp_path)
+    assert len(calls) == 2 and third(text).input_ids == tok(text).input_ids
+    real_version = transformers.__version__
+    monkeypatch.setattr(transformers, "__version__", "0.0.0-other")
+    models.load_tokenizer(tmp_path)
+    assert len(calls) == 3
+    monkeypatch.setattr(transformers, "__version__", real_version)
+    models.load_tokenizer(tmp_path)  # the real version again: rebuilt, pickled
+    (tmp_path / "tokenizer.pkl").write_bytes(b"not a pickle")  # a broken pickle with a matching key
+    assert models.load_tokenizer(tmp_path)(text).input_ids == tok(text).input_ids and len(calls) == 5
+    assert models.load_tokenizer(tmp_path)(text).input_ids == tok(text).input_ids and len(calls) == 5
