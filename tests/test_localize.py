@@ -260,6 +260,26 @@ def test_causal_tracing_batching_does_not_change_scores(tiny, facts):
     assert b.passes.forward_sequences == 3 + n_rows and b.passes.forward == 3  # clean, noised, restored
 
 
+@pytest.mark.parametrize("start_layers", [True, False])
+def test_causal_tracing_of_prompts_of_different_lengths_equals_each_prompt_alone(tiny, facts, start_layers):
+    """A batch of restored runs is cut to its longest prompt (`FactSet.batch(trim=True)`): every
+    fact's scores in a mixed-length set equal those of that fact traced alone (no padding at all)."""
+    # the eight facts with 0-2 extra "Fact :" in front: three prompt lengths in one set
+    prompts = ["Fact : " * (i % 3) + p for i, p in enumerate(facts.prompts)]
+    mixed = lz.make_facts(tiny, "sports", prompts, facts.subjects, facts.candidates, facts.correct)
+    top = lz.run_sites(tiny, mixed.batch()).logits.gather(1, mixed.cand_ids).argmax(1).tolist()
+    facts = lz.make_facts(tiny, "sports", prompts, facts.subjects, facts.candidates, top)  # what it "knows"
+    lengths = facts.last_index.tolist()
+    assert len(set(lengths)) == 3, lengths  # the trimming is exercised
+    kw = dict(n_samples=2, min_gap=None, batch_size=9, start_layers=start_layers,
+              noise_rule="paper_sqrt")  # each fact's own noise level (scale_std pools it over the set)
+    both = lz.causal_tracing(tiny, facts, **kw)
+    for i in range(len(facts)):
+        alone = lz.causal_tracing(tiny, facts.subset([i]), **kw)
+        np.testing.assert_allclose(both.per_item["nie"][i], alone.per_item["nie"][0], rtol=1e-4, atol=1e-5)
+    assert facts.batch([int(np.argmin(lengths))], trim=True)["input_ids"].shape[1] == min(lengths) + 1
+
+
 @pytest.mark.parametrize("backend", ["tl", "hf"])
 def test_causal_tracing_from_the_restored_layer_equals_full_runs(tiny, facts, backend):
     """Starting each restored run at its layer, from the noised run's residual stream, changes no score

@@ -330,7 +330,8 @@ def replace_rows(source: torch.Tensor, f_idx: torch.Tensor, rows: list[int], hea
     """Edit that writes another run's activation into batch rows `rows` (for head sites: only
     `heads`): row r gets ``source[f_idx[r]]`` (a clean activation restored into a noised run, or a
     corrupt one patched into a clean run); with `positions`, only at the positions
-    ``positions[i]`` of row ``rows[i]`` (ROME's per-token trace; not with `heads`)."""
+    ``positions[i]`` of row ``rows[i]`` (ROME's per-token trace; not with `heads`). A run on a batch
+    trimmed of padding columns (`FactSet.batch(trim=True)`) gets the source's first positions."""
     rows_t = torch.tensor(rows)
     src_rows = f_idx[rows_t]
     if positions is not None and heads is not None:
@@ -338,17 +339,18 @@ def replace_rows(source: torch.Tensor, f_idx: torch.Tensor, rows: list[int], hea
 
     def edit(a):
         a = a.clone()
+        width = a.shape[1]
         if positions is not None:
             keep = torch.zeros(len(rows), a.shape[1], dtype=torch.bool)
             for i, pos in enumerate(positions):
                 keep[i, list(pos)] = True
             keep = keep.to(a.device)[..., None]
-            a[rows_t] = torch.where(keep, source[src_rows].to(a.device, a.dtype), a[rows_t])
+            a[rows_t] = torch.where(keep, source[src_rows, :width].to(a.device, a.dtype), a[rows_t])
         elif heads is None:
-            a[rows_t] = source[src_rows].to(a.device, a.dtype)
+            a[rows_t] = source[src_rows, :width].to(a.device, a.dtype)
         else:
             h = torch.tensor(heads)
-            a[rows_t, :, h] = source[src_rows, :, h].to(a.device, a.dtype)
+            a[rows_t, :, h] = source[src_rows, :width, h].to(a.device, a.dtype)
         return a
     return edit
 

@@ -61,11 +61,14 @@ class FactSet(PromptSet):
     def correct_ids(self) -> torch.Tensor:
         return self.cand_ids[torch.arange(len(self)), torch.tensor(self.correct)]
 
-    def batch(self, idx=None, input_ids=None) -> dict:
-        """Tokenized rows `idx` (all by default) as keyword arguments of a forward pass."""
+    def batch(self, idx=None, input_ids=None, trim: bool = False) -> dict:
+        """Tokenized rows `idx` (all by default) as keyword arguments of a forward pass; `trim`:
+        cut the padding columns past the rows' longest prompt (right padding lies after every row's
+        last token, so no row's numbers depend on it; the activations are then that narrower)."""
         idx = torch.arange(len(self)) if idx is None else torch.as_tensor(idx)
         ids = self.input_ids if input_ids is None else input_ids
-        return dict(input_ids=ids[idx], attention_mask=self.attention_mask[idx],
+        width = int(self.last_index[idx].max()) + 1 if trim and len(idx) else ids.shape[1]
+        return dict(input_ids=ids[idx, :width], attention_mask=self.attention_mask[idx, :width],
                     last_index=self.last_index[idx])
 
     def subject_mask(self) -> torch.Tensor:

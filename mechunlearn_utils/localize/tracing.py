@@ -80,13 +80,19 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
             noised.setdefault(site.layer, []).append(out.acts[site].cpu())
     noised = {l: torch.cat(v) for l, v in noised.items()}  # [fact x sample, pos, d]
     layer_of = [c[1] for c in comps]
-    rows = sorted(((f, s, c) for f, s in pairs for c in range(len(comps))), key=lambda r: (layer_of[r[2]], r))
+    # rows by restored layer (a batch starts at its lowest), then by prompt length (a batch is cut to
+    # its longest prompt: `FactSet.batch(trim=True)`)
+    length = facts.last_index.tolist()
+    rows = sorted(((f, s, c) for f, s in pairs for c in range(len(comps))),
+                  key=lambda r: (layer_of[r[2]], length[r[0]], r))
     layers_run = 0
     for start in tqdm(range(0, len(rows), batch_size), desc="causal tracing", disable=not progress, leave=False):
         chunk = rows[start:start + batch_size]
         f_idx = torch.tensor([r[0] for r in chunk])
         first = min(layer_of[r[2]] for r in chunk) if starts else 0
-        edits = {} if starts else {Site("embed"): add_rows(noise[f_idx, torch.tensor([r[1] for r in chunk])])}
+        batch = facts.batch(f_idx, trim=True)
+        width = batch["input_ids"].shape[1]
+        edits = {} if starts else {Site("embed"): add_rows(noise[f_idx, torch.tensor([r[1] for r in chunk])][:, :width])}
         for l in range(first, L):
             mlp_rows = [i for i, r in enumerate(chunk) if comps[r[2]][:2] == ("mlp", l)]
             head_rows = [(i, comps[r[2]][2]) for i, r in enumerate(chunk) if comps[r[2]][:2] == ("head", l)]
@@ -95,8 +101,8 @@ def causal_tracing(model, facts: FactSet, noise_scale: float = 3.0, n_samples: i
             if head_rows:
                 edits[Site("z", l)] = replace_rows(clean[Site("z", l)], f_idx, [i for i, _ in head_rows],
                                                [h for _, h in head_rows])
-        hidden = noised[first][torch.tensor([r[0] * n_samples + r[1] for r in chunk])] if starts else None
-        out = run_sites(model, facts.batch(f_idx), edits, backend=backend, counter=counter, start=first, hidden=hidden)
+        hidden = noised[first][torch.tensor([r[0] * n_samples + r[1] for r in chunk]), :width] if starts else None
+        out = run_sites(model, batch, edits, backend=backend, counter=counter, start=first, hidden=hidden)
         p[f_idx, torch.tensor([r[1] for r in chunk]), torch.tensor([r[2] + 1 for r in chunk])] = \
             _softmax_p(out.logits, correct[f_idx])
         layers_run += (L - first) * len(chunk)
