@@ -322,3 +322,42 @@ def test_forget_and_maintain_rows_in_one_forward_equal_two_forwards(tiny, athlet
     both = Examples.concat(short, data.forget)
     assert both.input_ids.shape[1] == data.forget.input_ids.shape[1] and both.prefix is None
     assert both.attention_mask[0].tolist() == [1, 1] + [0] * (both.input_ids.shape[1] - 2)
+
+
+def test_answers_and_retain_in_one_unembedding_equal_the_terms_apart(tiny, athletes, text):
+    """A step's answer rows and retain-text positions go through one unembedding: the same log
+    p(answer), LM loss and gradients as `answer_logprobs` + `RetainText.loss` (fp32, rounding only),
+    drawing the same text batch from the generator."""
+    import numpy as np
+
+    from mechunlearn_utils.edit.loop import answer_logprobs, answers_and_retain
+    from mechunlearn_utils.edit.train import edit_data
+
+    task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
+    names = [n for n, _ in tiny.hf.named_parameters() if "layers.1.mlp" in n]
+    data = edit_data(tiny, names, task, text, EditConfig(lm_context=16, lm_positions=5, lm_batch=2))
+    assert data.text is not None and data.start == 1
+    rows = data.both.rows(torch.tensor([0, 2, len(data.forget) + 1]))
+    w = dict(tiny.hf.named_parameters())[names[0]]
+    w.requires_grad_(True)
+    try:
+        out = {}
+        for how in ("apart", "joined"):
+            rng = np.random.default_rng(5)
+            if how == "apart":
+                lp, ll = answer_logprobs(tiny, rows, data.start)[0], data.text.loss(tiny, rng)
+            else:
+                lp, ll = answers_and_retain(tiny, rows, data.start, data.text, rng)
+            (lp.sum() + ll).backward()
+            out[how] = (lp.detach(), ll.detach(), w.grad.clone(), rng.integers(1 << 30))
+            w.grad = None
+    finally:
+        w.requires_grad_(False)
+    (lp_a, ll_a, g_a, next_a), (lp_j, ll_j, g_j, next_j) = out["apart"], out["joined"]
+    torch.testing.assert_close(lp_j, lp_a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ll_j, ll_a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g_j, g_a, rtol=1e-4, atol=1e-6)
+    assert g_a.abs().sum() > 0 and ll_a > 0 and next_a == next_j  # the generator drew the same
+    lp0, ll0 = answers_and_retain(tiny, rows, data.start, None, np.random.default_rng(5))
+    torch.testing.assert_close(lp0, lp_a, rtol=0, atol=1e-5)
+    assert ll0.item() == 0.0

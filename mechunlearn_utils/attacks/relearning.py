@@ -19,7 +19,7 @@ import torch
 
 from mechunlearn_utils.attacks.scoring import AttackError, athlete_p_true, check_budget
 from mechunlearn_utils.data.prompts import sport_prompts
-from mechunlearn_utils.edit.loop import (RetainText, answer_logprobs, cosine_schedule, draw, examples,
+from mechunlearn_utils.edit.loop import (RetainText, answers_and_retain, cosine_schedule, draw, examples,
                                          first_trainable_layer, forget_loss, train_loop)
 from mechunlearn_utils.edit.storage import restore, snapshot
 
@@ -198,12 +198,12 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
         f_idx = draw(rng, n_f, cfg.batch_size)
         m_idx = n_f + draw(rng, len(maintain), cfg.maintain_batch) \
             if len(maintain) and cfg.maintain_coef > 0 else np.array([], dtype=int)
-        lp = answer_logprobs(model, data.rows(torch.as_tensor(np.r_[f_idx, m_idx])), start)[0]
+        lp, ll = answers_and_retain(model, data.rows(torch.as_tensor(np.r_[f_idx, m_idx])), start, text, rng)
         loss = forget_loss(lp[:len(f_idx)], "edit")
         if len(m_idx):
             loss = loss + cfg.maintain_coef * forget_loss(lp[len(f_idx):], "edit")
         if text is not None:
-            loss = loss + cfg.lm_coef * text.loss(model, rng)
+            loss = loss + cfg.lm_coef * ll
         return loss, {}
 
     def diverged(step, value):
