@@ -253,3 +253,25 @@ def test_tokenizer_is_cached_and_rebuilt_when_its_files_change(tmp_path, monkeyp
     (tmp_path / "tokenizer.pkl").write_bytes(b"not a pickle")  # a broken pickle with a matching key
     assert models.load_tokenizer(tmp_path)(text).input_ids == tok(text).input_ids and len(calls) == 5
     assert models.load_tokenizer(tmp_path)(text).input_ids == tok(text).input_ids and len(calls) == 5
+
+
+def test_a_gguf_file_is_parsed_once_per_conversion(monkeypatch):
+    """transformers builds a GGUFReader for the tokenizer, the config and the weights; inside
+    `_one_gguf_reader` one reader per file serves all three, and the real class is back after."""
+    import gguf
+
+    from mechunlearn_utils.core import models as models
+
+    made = []
+
+    class Reader:
+        def __init__(self, path):
+            made.append(path)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    with models._one_gguf_reader():
+        from gguf import GGUFReader  # as transformers imports it, inside its loader
+
+        a, b, c = GGUFReader("/x/model.gguf"), GGUFReader("/x/model.gguf"), GGUFReader("/x/other.gguf")
+    assert a is b and a is not c and made == ["/x/model.gguf", "/x/other.gguf"]
+    assert gguf.GGUFReader is Reader

@@ -435,6 +435,28 @@ def load_tokenizer(folder: Path):
     return tok
 
 
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """Parse a GGUF file once inside the block. transformers builds a `gguf.GGUFReader` for the
+    tokenizer, again for the config and again for the weights, and each parses gemma's 262k-token
+    vocabulary in Python (~10 s); the reader only reads (a memory map), so one serves all three."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def convert_gguf(name: str, out: Path) -> Path:
     """Dequantize a packaged GGUF to an fp32 HF checkpoint at `out` (written atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -444,7 +466,7 @@ def convert_gguf(name: str, out: Path) -> Path:
     print(f"[mechunlearn] converting {gguf.name} to an HF checkpoint (once, ~1-2 min) ...")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with offline_mode():
+    with offline_mode(), _one_gguf_reader():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # Drop the GGUF quantization marker: the weights are now plain fp32.
