@@ -163,3 +163,44 @@ def test_unembed_is_one_matrix_product_in_both_dtypes(tiny, tiny_bf16):
         assert out.shape == (*shape, model.hf.config.vocab_size) and "bmm" not in seen and "mm" in seen, seen
         rows = unembed(model, h.detach().reshape(-1, d)).view(*shape, -1)
         assert torch.equal(out.detach(), rows)  # the same numbers as row by row, bit for bit
+
+
+def test_fp32_masters_round_once_per_step_with_the_per_call_gradient(tiny_bf16):
+    """Inside `fp32_masters` a master is rounded once per step however often its module runs; the
+    gradient is bit for bit the one per-call roundings give; an in-place change of the master (an
+    optimizer step) or `new_step` rounds it again."""
+    from torch.func import functional_call
+
+    lin = tiny_bf16.layers[1].mlp.down_proj
+    torch.manual_seed(0)
+    xs = [torch.randn(3, lin.in_features).bfloat16() for _ in range(3)]
+    ref = lin.weight.detach().float().requires_grad_(True)  # per call: ref.to(bf16), as before
+    sum(functional_call(lin, {"weight": ref.to(torch.bfloat16)}, (x,)).float().square().sum() for x in xs).backward()
+    used, seen = [], []  # where the rounded weight each call sees lives, and its values
+    w = lin.weight
+    w.requires_grad_(True)
+    hook = None
+    try:
+        with P.fp32_masters(tiny_bf16, [w]) as casts:
+            hook = lin.register_forward_pre_hook(lambda mod, args: used.append(mod.weight.data_ptr())
+                                                 or seen.append(mod.weight.detach().clone()))  # after the rounding's
+            sum(lin(x).float().square().sum() for x in xs).backward()
+            assert used[0] == used[1] == used[2]  # three calls, one rounding (kept alive by the cache)
+            assert torch.equal(w.grad, ref.grad)  # each call's bf16 gradient added to the master in fp32
+            with torch.no_grad():
+                w.mul_(2)  # in place, as an optimizer step: the version counter moves (x2: exact)
+            lin(xs[0])
+            assert used[3] != used[2] and torch.equal(seen[3], (ref.detach() * 2).bfloat16())
+            w.data.div_(2)  # through .data the version counter does not move ...
+            lin(xs[0])
+            assert used[4] == used[3] and torch.equal(seen[4], seen[3])
+            casts.new_step()  # ... but the loop starts every step afresh
+            lin(xs[0])
+            assert torch.equal(seen[5], ref.detach().bfloat16())
+            assert all(t.dtype is torch.bfloat16 for t in seen)
+    finally:
+        if hook is not None:
+            hook.remove()
+        w.requires_grad_(False)
+        w.grad = None
+    assert torch.equal(lin.weight, ref.detach().bfloat16())  # the fixture's weight as it was

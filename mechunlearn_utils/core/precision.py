@@ -166,25 +166,64 @@ def loaded_dtype() -> str | None:
 
 # --------------------------------------------------------------------------- fp32 master weights
 
+class _GradToMaster(torch.autograd.Function):
+    """``low`` (the master rounded to the model's dtype, computed once) in the forward; the
+    gradient reaches the fp32 master as ``grad.to(fp32)``, exactly what a per-call ``master.to(low
+    dtype)`` (ToCopyBackward) gives, so each use still accumulates into the master in fp32."""
+
+    @staticmethod
+    def forward(ctx, master, low):
+        ctx.master_dtype = master.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.master_dtype), None
+
+
+class MasterCasts:
+    """The rounded copies of fp32 masters, made once per training step (`new_step`) instead of at
+    every call of their module: a step runs the decoder up to three times (the shared one-shot
+    prefix, the prompts, the retain text), and for full fine-tuning's 100M weights each rounding
+    reads 400 MB. A master changed in place (its version counter moved) is rounded again anyway."""
+
+    def __init__(self, low: dict):
+        self.low, self.casts = low, {}
+
+    def new_step(self) -> None:
+        self.casts.clear()
+
+    def use(self, master: torch.Tensor) -> torch.Tensor:
+        hit = self.casts.get(id(master))
+        if hit is None or hit[0] != master._version:
+            hit = self.casts[id(master)] = (master._version, master.detach().to(self.low[id(master)]))
+        if torch.is_grad_enabled() and master.requires_grad:
+            return _GradToMaster.apply(master, hit[1])
+        return hit[1]
+
+
 @contextlib.contextmanager
 def fp32_masters(model, params):
     """Hold the low-precision tensors of `params` (parameters of ``model.hf``) in fp32 inside the
     block: the optimizer steps these fp32 masters (its state follows their dtype), and each call of
-    a module owning one uses a differentiable cast of the master to the model's dtype (gradients
-    reach the master in fp32). fp32 tensors (an fp32 model, LoRA adapters, masks, soft prompts)
-    are left alone: under fp32 this does nothing. On exit: rounded back, gradients dropped."""
+    a module owning one uses the master rounded to the model's dtype, differentiably (gradients
+    reach the master in fp32). The rounding is made once per step: the block yields a `MasterCasts`
+    whose ``new_step()`` the training loop calls before each step (None when nothing is converted).
+    fp32 tensors (an fp32 model, LoRA adapters, masks, soft prompts) are left alone: under fp32
+    this does nothing. On exit: rounded back, gradients dropped."""
     ids = {id(p) for p in params if p.is_floating_point() and p.dtype != torch.float32}
     if not ids:
-        yield
+        yield None
         return
     low = {id(p): p.dtype for p in params if id(p) in ids}
+    casts = MasterCasts(low)
     owners = [(m, [n for n, p in m._parameters.items() if p is not None and id(p) in ids]) for m in model.hf.modules()]
     owners = [(m, names) for m, names in owners if names]
 
     def cast_in(module, args, names):  # the master leaves the module's parameters for the call
         for n in names:
             master = module._parameters.pop(n)
-            module.__dict__[n] = master.to(low[id(master)])
+            module.__dict__[n] = casts.use(master)
             module.__dict__["_fp32_master_" + n] = master
 
     def put_back(module, names):
@@ -201,8 +240,9 @@ def fp32_masters(model, params):
         for p in converted:
             p.data = p.data.float()
     try:
-        yield
+        yield casts
     finally:
+        casts.new_step()
         for h in handles:
             h.remove()
         for m, names in owners:

@@ -295,16 +295,18 @@ def train_loop(params: list[torch.Tensor], loss_fn: Callable[[int], tuple[torch.
     `check_grad`), optimizer step, `schedule` step, ``after_step()`` (a projection, a checkpoint).
     The record is ``{"step", "loss", **terms}`` with tensors turned into floats; ``on_step(record)``
     sees each one as it is made (a progress bar of a widget)."""
-    with contextlib.nullcontext() if model is None else fp32_masters(model, params):
+    with contextlib.nullcontext() if model is None else fp32_masters(model, params) as casts:
         return _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, on_nonfinite,
                       after_step, before_step, postfix, tqdm(range(steps), desc=desc, disable=not progress, leave=False),
-                      on_step)
+                      on_step, casts)
 
 
 def _steps(params, loss_fn, optimizer, steps, schedule, grad_clip, check_grad, on_nonfinite, after_step,
-           before_step, postfix, bar, on_step=None) -> list[dict]:
+           before_step, postfix, bar, on_step=None, casts=None) -> list[dict]:
     history = []
     for step in bar:
+        if casts is not None:
+            casts.new_step()  # the masters moved: round them again (once for the whole step)
         if before_step is not None:
             before_step(step)
         loss, terms = loss_fn(step)
