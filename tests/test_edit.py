@@ -361,3 +361,21 @@ def test_answers_and_retain_in_one_unembedding_equal_the_terms_apart(tiny, athle
     lp0, ll0 = answers_and_retain(tiny, rows, data.start, None, np.random.default_rng(5))
     torch.testing.assert_close(lp0, lp_a, rtol=0, atol=1e-5)
     assert ll0.item() == 0.0
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_updates_as_the_plain_one():
+    from mechunlearn_utils.edit.loop import adam
+
+    torch.manual_seed(0)
+    plain = [torch.randn(64, 32, requires_grad=True), torch.randn(7, requires_grad=True)]
+    fused = [p.detach().clone().requires_grad_(True) for p in plain]
+    opts = torch.optim.AdamW(plain, lr=1e-3, weight_decay=0.0), adam(fused, 1e-3)
+    assert opts[1].defaults["fused"] is True and opts[1].defaults["weight_decay"] == 0.0
+    for step in range(5):
+        for ps, opt in zip((plain, fused), opts):
+            for i, p in enumerate(ps):
+                p.grad = torch.full_like(p, 1e-3 * (step + 1)) * (i + 1) + torch.sin(p.detach())
+            opt.step()
+    for a, b in zip(plain, fused):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import torch
 
 from mechunlearn_utils.attacks.scoring import AttackError, athlete_p_true, check_budget
 from mechunlearn_utils.data.prompts import sport_prompts
-from mechunlearn_utils.edit.loop import (RetainText, answers_and_retain, cosine_schedule, draw, examples,
+from mechunlearn_utils.edit.loop import (RetainText, adam, answers_and_retain, cosine_schedule, draw, examples,
                                          first_trainable_layer, forget_loss, train_loop)
 from mechunlearn_utils.edit.storage import restore, snapshot
 
@@ -214,7 +214,7 @@ def relearn(model, train: pd.DataFrame, heldout: pd.DataFrame, maintain: pd.Data
            else full_finetune(model, cfg.layers))
     with ctx as params:
         res.n_trainable = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        opt = adam(params, cfg.lr)
         schedule = cosine_schedule(opt, 0, cfg.steps) if cfg.schedule == "cosine" else None
         history = train_loop(params, loss_fn, opt, cfg.steps, schedule=schedule, grad_clip=cfg.grad_clip,
                              on_nonfinite=diverged,

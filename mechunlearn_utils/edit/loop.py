@@ -267,6 +267,20 @@ def edit_terms(model, data: EditData, rng: np.random.Generator, mode: str, cfg) 
 
 # --------------------------------------------------------------------------- the loop
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam / AdamW kernel
+
+
+def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay 0 (the paper's optimizer for edits and relearning), with torch's
+    fused kernel where the device has one: one pass over each tensor per step instead of a dozen
+    elementwise ops. Measured on the 2-core AMX host, the 12 fp32 MLP matrices (16M weights) of a
+    localized edit: 33.7 -> 11.2 ms per step; the same update up to float rounding (max |diff| of
+    the weights 2.4e-7 after 11 steps). The weight masks keep torch's plain Adam: they train in the
+    model's dtype, where the fused kernel's fp32 arithmetic would change more than rounding."""
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+
+
 def cosine_schedule(opt, warmup: int, total: int):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     def factor(step):

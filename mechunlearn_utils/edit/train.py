@@ -28,7 +28,7 @@ import torch
 
 from mechunlearn_utils.data.prompts import sport_prompt
 from mechunlearn_utils.data.tasks import Task
-from mechunlearn_utils.edit.loop import (EditData, EditError, Examples, cosine_schedule, edit_terms, examples,
+from mechunlearn_utils.edit.loop import (EditData, EditError, Examples, adam, cosine_schedule, edit_terms, examples,
                                          first_trainable_layer, train_loop)
 from mechunlearn_utils.edit.storage import restore, save_edit, select_parameters, snapshot
 
@@ -149,7 +149,7 @@ def train_edit(model, param_names: list[str], task: Task, general_text: list[str
     rng = np.random.default_rng(cfg.seed)
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+    opt = adam(list(params.values()), cfg.lr)
     result = EditResult(list(param_names), asdict(cfg), start_layer=data.start,
                         n_params=sum(p.numel() for p in params.values()))
     last_good = {n: p.detach().clone() for n, p in params.items()}
