@@ -326,11 +326,11 @@ def test_forget_and_maintain_rows_in_one_forward_equal_two_forwards(tiny, athlet
 
 def test_answers_and_retain_in_one_unembedding_equal_the_terms_apart(tiny, athletes, text):
     """A step's answer rows and retain-text positions go through one unembedding: the same log
-    p(answer), LM loss and gradients as `answer_logprobs` + `RetainText.loss` (fp32, rounding only),
+    p(answer), LM loss and gradients as `answer_logprobs` + `lm_loss` (fp32, rounding only),
     drawing the same text batch from the generator."""
     import numpy as np
 
-    from mechunlearn_utils.edit.loop import answer_logprobs, answers_and_retain
+    from mechunlearn_utils.edit.loop import answer_logprobs, answers_and_retain, draw, lm_loss, sample_positions
     from mechunlearn_utils.edit.train import edit_data
 
     task = make_task("athletes_to_sport", athletes=athletes, n=4, n_maintain=8)
@@ -345,7 +345,11 @@ def test_answers_and_retain_in_one_unembedding_equal_the_terms_apart(tiny, athle
         for how in ("apart", "joined"):
             rng = np.random.default_rng(5)
             if how == "apart":
-                lp, ll = answer_logprobs(tiny, rows, data.start)[0], data.text.loss(tiny, rng)
+                t = data.text  # its batch drawn as `RetainText.hidden` draws it, scored by `lm_loss`
+                t_idx = draw(rng, len(t.text["input_ids"]), t.batch)
+                pos = sample_positions(rng, len(t_idx), t.text["input_ids"].shape[1] - 1, t.positions)
+                ll = lm_loss(tiny, {k: v[t_idx] for k, v in t.text.items()}, t.start, t.prefix[t_idx], pos)
+                lp = answer_logprobs(tiny, rows, data.start)[0]
             else:
                 lp, ll = answers_and_retain(tiny, rows, data.start, data.text, rng)
             (lp.sum() + ll).backward()

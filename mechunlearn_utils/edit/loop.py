@@ -200,11 +200,6 @@ class RetainText:
         return lm_hidden(model, tb, self.start, None if self.prefix is None else self.prefix[t_idx],
                          None if pos is None else pos.to(tb["input_ids"].device))
 
-    def loss(self, model, rng: np.random.Generator) -> torch.Tensor:
-        """LM loss on a batch drawn from `rng`."""
-        hidden, targets = self.hidden(model, rng)
-        return torch.nn.functional.cross_entropy(unembed(model, hidden).float(), targets)
-
 
 def answers_and_retain(model, ex_rows, start: int, text: RetainText | None,
                        rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +209,7 @@ def answers_and_retain(model, ex_rows, start: int, text: RetainText | None,
     The answer rows and the scored text positions are 32 + 32 rows of a training step; unembedding
     them apart read the 262k x 640 unembedding matrix twice forward and twice backward (memory-bound
     at this size: ~28 ms a read in bf16 on the 2-core AMX host). Row for row the same numbers as
-    `answer_logprobs` + `RetainText.loss` up to the matrix product's rounding (tested)."""
+    `answer_logprobs` + `lm_loss` up to the matrix product's rounding (tested)."""
     input_ids, mask, last, answers, prefix = ex_rows
     h = last_token_hidden(model, input_ids, mask, last, start, prefix)
     if text is None:
